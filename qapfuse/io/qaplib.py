@@ -1,0 +1,1 @@
+"""QAPLIB ``.dat`` / ``.sln`` I/O. PLACEHOLDER: being written."""

@@ -1,0 +1,195 @@
+"""Solvers and the one entry point :func:`solve`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import backend
+from .._validation import Option, check_choice, check_options, check_scalar
+from ..problem import Problem
+from . import ga as _ga
+from . import ipfp as _ipfp
+from . import local as _local
+from . import pipeline as _pipeline
+from . import rrwm as _rrwm
+from . import sm as _sm
+from ._common import check_problem, random_soft
+from .ga import ga
+from .ipfp import ipfp
+from .lap import hungarian, sinkhorn
+from .local import tabu, two_opt
+from .pipeline import auto
+from .result import MatchResult
+from .rrwm import rrwm
+from .sm import sm
+
+__all__ = [
+    "METHODS",
+    "MatchResult",
+    "auto",
+    "ga",
+    "hungarian",
+    "ipfp",
+    "rrwm",
+    "sinkhorn",
+    "sm",
+    "solve",
+    "tabu",
+    "two_opt",
+]
+
+
+@dataclass(frozen=True)
+class _Method:
+    func: Callable[..., MatchResult]
+    options: dict[str, Option]
+    local: bool  # refines a discrete solution; takes time_limit
+
+    @property
+    def timed(self) -> bool:
+        return "time_limit" in self.options
+
+
+METHODS: dict[str, _Method] = {
+    "auto": _Method(auto, _pipeline.OPTIONS, local=False),
+    "ga": _Method(ga, _ga.OPTIONS, local=False),
+    "rrwm": _Method(rrwm, _rrwm.OPTIONS, local=False),
+    "ipfp": _Method(ipfp, _ipfp.OPTIONS, local=False),
+    "sm": _Method(sm, _sm.OPTIONS, local=False),
+    "two_opt": _Method(two_opt, _local.OPTIONS_TWO_OPT, local=True),
+    "tabu": _Method(tabu, _local.OPTIONS_TABU, local=True),
+}
+REFINERS = ("two_opt", "tabu")
+
+
+def solve(
+    problem: Problem,
+    method: str = "ga",
+    *,
+    refine: str | None = None,
+    restarts: int = 1,
+    time_limit: float | None = None,
+    rng: Any = None,
+    **options: Any,
+) -> MatchResult:
+    r"""Solve a (batch of) Lawler QAP(s) ``max vec(X)^T K vec(X)`` with the named method.
+
+    Parameters
+    ----------
+    problem : Problem
+        See :class:`qapfuse.Problem`.
+    method : str
+        One of ``"auto"`` (the default QAP pipeline: a continuous start refined by tabu
+        search), ``"ga"``, ``"rrwm"``, ``"ipfp"``, ``"sm"``, ``"two_opt"``, ``"tabu"``.
+    refine : {"two_opt", "tabu"}, optional
+        Local search applied to each result of `method`.
+    restarts : int >= 1
+        Runs of `method` (+ `refine`): the first from `x0` (or the method's default start),
+        the others from random starts drawn from `rng`; the best per instance is kept.
+    time_limit : float > 0, optional
+        Wall-clock budget in seconds for the whole call: no new restart begins after it, and
+        time-aware methods (local search, ``auto``) get the remaining share.
+    rng : None, int, numpy.random.Generator or torch.Generator
+        Source of the random starts (and of the methods' own randomness).
+    **options
+        Options of `method` (see its docstring). Unknown names raise ``TypeError``.
+
+    Returns
+    -------
+    MatchResult
+        Best result; ``info["restarts"]`` counts the runs, ``n_iter`` sums their iterations.
+
+    Examples
+    --------
+    Brute force confirms the optimum on a tiny problem:
+
+    >>> import itertools, numpy as np
+    >>> from qapfuse import Problem, solve
+    >>> rng = np.random.default_rng(0)
+    >>> A, B = rng.random((5, 5)), rng.random((5, 5))
+    >>> p = Problem.koopmans_beckmann(A, B, sense="min")
+    >>> res = solve(p, "ga", refine="two_opt")
+    >>> best = min((A * B[np.ix_(q, q)]).sum() for q in map(list, itertools.permutations(range(5))))
+    >>> bool(np.isclose(res.objective, best))
+    True
+    """
+    start = time.perf_counter()
+    check_problem(problem, "solve")
+    check_choice(method, "method", "solve", METHODS)
+    if refine is not None:
+        check_choice(refine, "refine", "solve", REFINERS)
+    check_scalar(restarts, "restarts", "solve", integer=True, low=1, low_inclusive=True)
+    if time_limit is not None:
+        check_scalar(time_limit, "time_limit", "solve")
+    spec = METHODS[method]
+    caller = f"solve(method={method!r})"
+    if "time_limit" in options:
+        raise TypeError(f"{caller}: pass time_limit to solve itself, not as a method option.")
+    opts = check_options(options, spec.options, caller)
+    gen = backend.rng_from(rng, caller="solve")
+
+    best = None
+    n_iter, runs = 0, 0
+    for run in range(restarts):
+        elapsed = time.perf_counter() - start
+        if run > 0 and time_limit is not None and elapsed >= time_limit:
+            break
+        remaining = None if time_limit is None else max(time_limit - elapsed, 1e-3)
+        run_opts = dict(opts)
+        if run > 0:
+            run_opts["x0"] = random_soft(problem, gen)
+        if "rng" in spec.options:
+            run_opts["rng"] = gen
+        if spec.timed and remaining is not None:
+            share = remaining / (restarts - run) if refine is None else remaining / 2
+            run_opts["time_limit"] = max(share / (1 if refine is None else 1), 1e-3)
+        res = spec.func(problem, **run_opts)
+        if refine is not None:
+            left = None if time_limit is None else max(
+                (time_limit - (time.perf_counter() - start)) / (restarts - run), 1e-3
+            )
+            res = METHODS[refine].func(problem, x0=res.X, time_limit=left, rng=gen)
+        n_iter += res.n_iter
+        runs += 1
+        best = res if best is None else _better(best, res, problem)
+    assert best is not None  # restarts >= 1 guarantees one run
+    info = dict(best.info)
+    info["restarts"] = runs
+    return MatchResult(
+        X=best.X,
+        soft=best.soft,
+        score=best.score,
+        objective=best.objective,
+        n_iter=n_iter,
+        converged=best.converged,
+        time=time.perf_counter() - start,
+        info=info,
+    )
+
+
+def _better(a: MatchResult, b: MatchResult, problem: Problem) -> MatchResult:
+    """Per-instance best of two results (by score)."""
+    if not problem.batched:
+        return b if b.score > a.score else a
+    take_b = np.asarray(b.score) > np.asarray(a.score)
+    if not take_b.any():
+        return a
+    xp = problem.xp
+    sel = backend.asarray_on(take_b[:, None, None], xp=xp, device=problem.device)
+    X = xp.where(sel, b.X, a.X)
+    soft = None if a.soft is None or b.soft is None else xp.where(sel, b.soft, a.soft)
+    return MatchResult(
+        X=X,
+        soft=soft,
+        score=np.where(take_b, b.score, a.score),
+        objective=np.where(take_b, b.objective, a.objective),
+        n_iter=a.n_iter,
+        converged=a.converged and b.converged,
+        time=a.time,
+        info=a.info,
+    )

@@ -1,0 +1,100 @@
+"""Pieces shared by the continuous solvers: checks, starts, projection, masks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import backend
+from ..backend import Array
+from ..problem import Problem
+from .lap import _hungarian_np
+
+__all__ = ["check_problem", "hard_projection", "initial_soft", "random_soft", "square_mask"]
+
+
+def check_problem(problem: Any, caller: str) -> Problem:
+    if not isinstance(problem, Problem):
+        raise TypeError(
+            f"The 'problem' parameter of {caller} must be a qapfuse.Problem (build one with "
+            f"Problem.from_dense, Problem.koopmans_beckmann, ...). Got "
+            f"{type(problem).__name__} instead."
+        )
+    return problem
+
+
+def square_mask(problem: Problem) -> Array:
+    """Bool (b, 1, 1): instances with ``n1 == n2`` (columns must sum to exactly 1)."""
+    return backend.asarray_on(
+        (problem.n1 == problem.n2)[:, None, None], xp=problem.xp, device=problem.device
+    )
+
+
+def uniform_soft(problem: Problem) -> Array:
+    """``1 / n2`` on each instance's valid block, 0 on padding; shape (b, n1max, n2max)."""
+    m = np.zeros((problem.batch, problem.n1max, problem.n2max))
+    for k in range(problem.batch):
+        if problem.n2[k]:
+            m[k, : problem.n1[k], : problem.n2[k]] = 1.0 / problem.n2[k]
+    return _like_problem(m, problem)
+
+
+def _like_problem(a: np.ndarray, problem: Problem) -> Array:
+    xp = problem.xp
+    out = backend.asarray_on(a, xp=xp, device=problem.device)
+    return xp.astype(out, problem.dtype) if problem.dtype is not None else out
+
+
+def initial_soft(problem: Problem, x0: Any, caller: str) -> Array:
+    """Validated start of shape (b, n1max, n2max): `x0` if given, else uniform."""
+    if x0 is None:
+        return uniform_soft(problem)
+    xp = problem.xp
+    try:
+        xp_x0 = backend.namespace_of(x0, name="x0")
+    except TypeError:
+        xp_x0 = None
+    if xp_x0 is not xp:
+        raise TypeError(
+            f"The 'x0' parameter of {caller} must be an array of the problem's library "
+            f"({xp.__name__.split('.')[-1]}); got {type(x0).__name__}."
+        )
+    want = (problem.n1max, problem.n2max)
+    if x0.ndim == 2 and problem.batch == 1:
+        x0 = x0[None]
+    if tuple(x0.shape) != (problem.batch, *want):
+        raise ValueError(
+            f"The 'x0' parameter of {caller} must have shape {want} (batched: "
+            f"{(problem.batch, *want)}); got {tuple(x0.shape)}."
+        )
+    if not bool(xp.all(xp.isfinite(x0))) or bool(xp.any(x0 < 0)):
+        raise ValueError(f"The 'x0' parameter of {caller} must be finite and non-negative.")
+    x0 = xp.astype(x0, problem.dtype) if problem.dtype is not None else x0
+    return xp.where(problem.mask, x0, xp.zeros_like(x0))
+
+
+def random_soft(problem: Problem, rng: np.random.Generator, *, mix: float = 0.5) -> Array:
+    """A random start: uniform mixed with a random permutation matrix (per instance)."""
+    m = np.zeros((problem.batch, problem.n1max, problem.n2max))
+    for k in range(problem.batch):
+        n1, n2 = int(problem.n1[k]), int(problem.n2[k])
+        if n1 == 0:
+            continue
+        cols = rng.permutation(n2)[:n1]
+        block = np.full((n1, n2), (1.0 - mix) / n2)
+        block[np.arange(n1), cols] += mix
+        m[k, :n1, :n2] = block
+    return _like_problem(m, problem)
+
+
+def hard_projection(problem: Problem, S: Array) -> Array:
+    """Hungarian on each valid block of scores `S` (b, n1max, n2max); 0/1 array like `S`."""
+    X = _hungarian_np(backend.to_numpy(S).astype(np.float64), problem.n1, problem.n2)
+    return backend.from_numpy(X, like=S)
+
+
+def normalise(G: Array, *, xp: Any) -> Array:
+    """Scale each instance of `G` (b, r, c) by its largest absolute entry (0 stays 0)."""
+    m = xp.max(xp.abs(G), axis=(1, 2), keepdims=True)
+    return G / xp.where(m > 0, m, xp.ones_like(m))

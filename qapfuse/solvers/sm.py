@@ -1,0 +1,74 @@
+"""Spectral matching (Leordeanu & Hebert 2005)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .._validation import Option, check_options, warn_not_converged
+from ..problem import Problem
+from ._common import check_problem, hard_projection, initial_soft
+from .result import MatchResult, make_result
+
+__all__ = ["OPTIONS", "sm"]
+
+OPTIONS: dict[str, Option] = {
+    "max_iter": Option("int", low=1),
+    "tol": Option("float", low=0, low_inclusive=False),
+    "x0": Option("array", allow_none=True),
+    "rng": Option("any", allow_none=True),
+}
+
+
+def sm(
+    problem: Problem, *, max_iter: int = 50, tol: float = 1e-5, x0: Any = None, rng: Any = None
+) -> MatchResult:
+    r"""Spectral matching: leading eigenvector of ``K`` by power iteration, then Hungarian.
+
+    Parameters
+    ----------
+    problem : Problem
+        Affinity with non-negative entries (the Perron vector is then non-negative).
+    max_iter : int >= 1
+        Power iterations.
+    tol : float > 0
+        Stop when the normalised iterate moves less than `tol` (Frobenius norm).
+    x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
+        Start vector. Default: uniform.
+    rng : optional
+        Accepted for a uniform interface; SM is deterministic.
+
+    Returns
+    -------
+    MatchResult
+        ``soft`` is the eigenvector (unit norm per instance) as an ``(n1, n2)`` matrix.
+
+    References
+    ----------
+    .. [1] M. Leordeanu, M. Hebert, "A spectral technique for correspondence problems using
+           pairwise constraints", ICCV 2005. doi:10.1109/ICCV.2005.20
+    """
+    start = time.perf_counter()
+    caller = "sm"
+    check_problem(problem, caller)
+    check_options(dict(max_iter=max_iter, tol=tol), OPTIONS, caller)
+    xp = problem.xp
+    v = initial_soft(problem, x0, caller)
+    change, it = float("inf"), 0
+    for it in range(1, max_iter + 1):
+        w = problem.matvec(v)
+        norm = xp.sqrt(xp.sum(w * w, axis=(1, 2), keepdims=True))
+        w = w / xp.where(norm > 0, norm, xp.ones_like(norm))
+        change = float(xp.max(xp.sqrt(xp.sum((w - v) ** 2, axis=(1, 2)))))
+        v = w
+        if change < tol:
+            break
+    converged = change < tol
+    if not converged:
+        warn_not_converged(
+            f"sm stopped at max_iter={max_iter} with change {change:.2e} > tol={tol:g}; "
+            "raise max_iter."
+        )
+    return make_result(
+        problem, hard_projection(problem, v), soft=v, n_iter=it, converged=converged, start=start
+    )

@@ -1,4 +1,4 @@
-"""Array-namespace helpers: one code path for numpy, torch (any device) and other array-API libraries.
+"""Array-namespace helpers: one code path for numpy, torch (any device) and other array libraries.
 
 Solvers call :func:`namespace_of` once on their inputs and then use only the returned
 namespace ``xp``. The only trips to the host are :func:`to_numpy` (Hungarian, Numba kernels,
@@ -65,8 +65,9 @@ def from_numpy(a: np.ndarray, like: Array, *, dtype: Any = None) -> Array:
     xp = array_api_compat.array_namespace(like)
     if is_numpy_array(like):
         return np.asarray(a, dtype=like.dtype if dtype is None else dtype)
-    return xp.asarray(np.ascontiguousarray(a), dtype=like.dtype if dtype is None else dtype,
-                      device=device(like))
+    return xp.asarray(
+        np.ascontiguousarray(a), dtype=like.dtype if dtype is None else dtype, device=device(like)
+    )
 
 
 def asarray_on(a: np.ndarray, *, xp: Any, device: Any = None) -> Array:
@@ -98,6 +99,7 @@ def logsumexp(L: Array, *, axis: int, xp: Any) -> Array:
     finite = xp.isfinite(m)
     m_safe = xp.where(finite, m, xp.zeros_like(m))
     s = xp.sum(xp.exp(L - m_safe), axis=axis, keepdims=True)
+    s = xp.where(finite, s, xp.ones_like(s))  # all -inf: avoid log(0) (the result is 0 anyway)
     return xp.where(finite, xp.log(s) + m_safe, xp.zeros_like(m))
 
 

@@ -67,7 +67,7 @@ def _check_dense_budget(batch: int, n1: int, n2: int, itemsize: int, max_bytes: 
 
 
 def vec(X: Array, *, xp: Any) -> Array:
-    """Column-major ``vec`` of a batch: ``(b, n1, n2) -> (b, n1*n2)``, pair ``(i, a)`` at ``i + a*n1``."""
+    """Column-major ``vec``: ``(b, n1, n2) -> (b, n1*n2)``, pair ``(i, a)`` at ``i + a*n1``."""
     b, n1, n2 = X.shape
     return xp.reshape(xp.permute_dims(X, (0, 2, 1)), (b, n1 * n2))
 
@@ -184,7 +184,7 @@ class DenseAffinity(Affinity):
 
 
 class SparseAffinity(Affinity):
-    """Sparse Lawler ``K``: a sequence of ``b`` scipy.sparse or torch sparse ``(n1n2, n1n2)`` matrices."""
+    """Sparse Lawler ``K``: ``b`` scipy.sparse or torch sparse matrices of shape (n1n2, n1n2)."""
 
     def __init__(self, Ks: Sequence[Any], n1max: int, n2max: int):
         self.Ks = list(Ks)
@@ -223,9 +223,11 @@ class SparseAffinity(Affinity):
     def symmetric(self) -> bool:
         if self._symmetric is None:
             if self.is_torch:
-                self._symmetric = all(
-                    bool((K.to_dense() == K.to_dense().T).all()) for K in self.Ks
-                ) if self.n1max * self.n2max <= 4096 else False
+                self._symmetric = (
+                    all(bool((K.to_dense() == K.to_dense().T).all()) for K in self.Ks)
+                    if self.n1max * self.n2max <= 4096
+                    else False
+                )
             else:
                 self._symmetric = all((K != K.T).nnz == 0 for K in self.Ks)
         return self._symmetric
@@ -238,8 +240,10 @@ class SparseAffinity(Affinity):
 
     def entry_bounds(self) -> tuple[float, float]:
         if self.is_torch:
-            vals = [K.coalesce().values() if K.layout == backend._torch().sparse_coo
-                    else K.values() for K in self.Ks]
+            vals = [
+                K.coalesce().values() if K.layout == backend._torch().sparse_coo else K.values()
+                for K in self.Ks
+            ]
             lo = min([float(v.min()) for v in vals if v.numel()] + [0.0])
             hi = max([float(v.max()) for v in vals if v.numel()] + [0.0])
         else:
@@ -297,7 +301,7 @@ class KoopmansBeckmannAffinity(Affinity):
 
 
 class LinearAffinity(Affinity):
-    """Linear term ``<L, X>``: in Lawler form ``K = diag(vec(L))``; ``L`` of shape ``(b, n1max, n2max)``."""
+    """Linear term ``<L, X>`` (Lawler ``K = diag(vec(L))``), ``L`` of shape (b, n1max, n2max)."""
 
     def __init__(self, L: Array):
         self.xp = backend.namespace_of(L, name="L")
@@ -363,7 +367,9 @@ class SumAffinity(Affinity):
             raise ValueError("`terms` must hold at least one affinity operator.")
         shapes = {(t.batch, t.n1max, t.n2max) for t in flat}
         if len(shapes) != 1:
-            raise ValueError(f"All terms must have one (batch, n1max, n2max); got {sorted(shapes)}.")
+            raise ValueError(
+                f"All terms must have one (batch, n1max, n2max); got {sorted(shapes)}."
+            )
         self.terms = flat
         typed = [t for t in flat if t.dtype is not None]
         ref = typed[0] if typed else flat[0]
@@ -417,9 +423,7 @@ def _check_finite(x: Array, name: str, *, xp: Any) -> None:
         raise ValueError(f"`{name}` contains NaN or Inf; clean or mask it first.")
 
 
-def _sizes(
-    n: Any, name: str, batch: int, nmax: int | None, caller: str
-) -> np.ndarray | None:
+def _sizes(n: Any, name: str, batch: int, nmax: int | None, caller: str) -> np.ndarray | None:
     """Per-instance sizes as an int64 numpy array of shape (batch,), or None if not given."""
     if n is None:
         return None
@@ -430,9 +434,7 @@ def _sizes(
             arr = arr.reshape(1)
     else:
         arr = np.asarray([n])
-    if arr.dtype.kind not in "iu" and not (
-        arr.dtype.kind == "f" and np.all(arr == np.round(arr))
-    ):
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
         raise TypeError(f"The {name!r} parameter of {caller} must be int(s). Got {n!r} instead.")
     arr = arr.astype(np.int64)
     if arr.ndim != 1 or (arr.shape[0] not in (1, batch)):
@@ -615,7 +617,8 @@ class Problem:
             else f"batch={self.batch}, n1max={self.n1max}, n2max={self.n2max}"
         )
         label = f"{self.name!r}, " if self.name else ""
-        return f"Problem({label}{sizes}, sense={self.sense!r}, affinity={type(self.affinity).__name__})"
+        kind = type(self.affinity).__name__
+        return f"Problem({label}{sizes}, sense={self.sense!r}, affinity={kind})"
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
@@ -643,9 +646,9 @@ class Problem:
             ``"min"`` negates ``K`` so that the solvers minimise ``vec(X)^T K vec(X)``.
         """
         caller = "Problem.from_dense"
-        xp = backend.namespace_of(K, name="K")
         if backend.is_sparse(K):
             raise TypeError(f"`K` in {caller} is sparse; use Problem.from_sparse.")
+        xp = backend.namespace_of(K, name="K")
         K, batched = _batched(xp.asarray(K), 2, "K", caller)
         K = _float_array(K, "K", xp=xp)
         b, N, N2 = K.shape
@@ -696,7 +699,9 @@ class Problem:
         out = []
         for M in Ks:
             if backend.is_torch_array(M):
-                vals = M.coalesce().values() if M.layout == backend._torch().sparse_coo else M.values()
+                vals = (
+                    M.coalesce().values() if M.layout == backend._torch().sparse_coo else M.values()
+                )
                 if not vals.dtype.is_floating_point:
                     M = M.to(backend._torch().float64)
                     vals = vals.double()
@@ -779,7 +784,7 @@ class Problem:
         sign = -1.0 if sense == "min" else 1.0
         aff: Affinity = KoopmansBeckmannAffinity(A, B, weight=sign)
         if L is not None:
-            L, batched_l = _batched(xp.asarray(L), 2, "L", caller)
+            L, _ = _batched(xp.asarray(L), 2, "L", caller)
             L = xp.astype(_float_array(L, "L", xp=xp), A.dtype)
             want = (A.shape[0], A.shape[-1], B.shape[-1])
             if tuple(L.shape) != want:
@@ -801,9 +806,7 @@ class Problem:
         from .io import qaplib
 
         inst = qaplib.load_instance(path, sln=sln)
-        p = cls.koopmans_beckmann(
-            inst.A.astype(np.float64), inst.B.astype(np.float64), sense="min"
-        )
+        p = cls.koopmans_beckmann(inst.A.astype(np.float64), inst.B.astype(np.float64), sense="min")
         p.name = inst.name
         p.best_known = inst.best_known
         return p
@@ -829,7 +832,7 @@ def _infer_padded(
     if n2max is None and a2 is not None:
         n2max = int(a2.max())
     if n1max is None and n2max is None:
-        r = int(round(N**0.5))
+        r = round(N**0.5)
         if r * r != N:
             raise ValueError(
                 f"`K` in {caller} has {N} rows, which is not n*n; pass n1 and n2 for "

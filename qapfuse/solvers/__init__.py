@@ -146,12 +146,15 @@ def solve(
         if "rng" in spec.options:
             run_opts["rng"] = gen
         if spec.timed and remaining is not None:
-            share = remaining / (restarts - run) if refine is None else remaining / 2
-            run_opts["time_limit"] = max(share / (1 if refine is None else 1), 1e-3)
+            # Equal shares for the runs left; with a refiner, half of a share each.
+            share = remaining / (restarts - run) / (1 if refine is None else 2)
+            run_opts["time_limit"] = max(share, 1e-3)
         res = spec.func(problem, **run_opts)
         if refine is not None:
-            left = None if time_limit is None else max(
-                (time_limit - (time.perf_counter() - start)) / (restarts - run), 1e-3
+            left = (
+                None
+                if time_limit is None
+                else max((time_limit - (time.perf_counter() - start)) / (restarts - run), 1e-3)
             )
             res = METHODS[refine].func(problem, x0=res.X, time_limit=left, rng=gen)
         n_iter += res.n_iter

@@ -79,8 +79,11 @@ def ga(
     caller = "ga"
     check_problem(problem, caller)
     opts = check_options(
-        dict(tau0=tau0, tau_min=tau_min, decay=decay, max_inner=max_inner, sk_iter=sk_iter,
-             tol=tol), OPTIONS, caller,
+        dict(
+            tau0=tau0, tau_min=tau_min, decay=decay, max_inner=max_inner, sk_iter=sk_iter, tol=tol
+        ),
+        OPTIONS,
+        caller,
     )
     if opts["tau_min"] > opts["tau0"]:
         raise ValueError(
@@ -89,7 +92,7 @@ def ga(
     xp = problem.xp
     X = initial_soft(problem, x0, caller)
     mask, square = problem.mask, square_mask(problem)
-    stages = max(1, int(math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9)) + 1)
+    stages = max(1, math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9) + 1)
     n_iter, change = 0, float("inf")
     for stage in range(stages):
         tau = tau0 * decay**stage
@@ -112,6 +115,11 @@ def ga(
         )
     X_hard = hard_projection(problem, X)
     return make_result(
-        problem, X_hard, soft=X, n_iter=n_iter, converged=converged, start=start,
+        problem,
+        X_hard,
+        soft=X,
+        n_iter=n_iter,
+        converged=converged,
+        start=start,
         info={"stages": stages},
     )

@@ -65,7 +65,7 @@ def hungarian(S: Array, n1: Any = None, n2: Any = None) -> Array:
     check_finite(S, "S", xp=xp)
     X = _hungarian_np(backend.to_numpy(S), a1, a2)
     out = backend.from_numpy(X, like=S)
-    return out if batched else out[0]
+    return out if batched else out[0, ...]
 
 
 def _hungarian_np(S: np.ndarray, n1: np.ndarray, n2: np.ndarray) -> np.ndarray:
@@ -151,7 +151,7 @@ def sinkhorn(
         _valid_mask(a1, a2, S.shape[1], S.shape[2]), xp=xp, device=backend.device(S)
     )
     square = backend.asarray_on((a1 == a2)[:, None, None], xp=xp, device=backend.device(S))
-    log_P, n_iter, err = sinkhorn_log(
+    log_P, _, err = sinkhorn_log(
         S / tau, mask=mask, square=square, max_iter=max_iter, tol=tol, xp=xp
     )
     if err > tol:
@@ -162,7 +162,7 @@ def sinkhorn(
     P = xp.exp(log_P)
     if transposed:
         P = xp.permute_dims(P, (0, 2, 1))
-    return P if batched else P[0]
+    return P if batched else P[0, ...]
 
 
 def sinkhorn_log(

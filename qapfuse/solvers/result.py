@@ -91,8 +91,8 @@ def make_result(
     score = backend.to_numpy(problem.score(X)).astype(np.float64)
     objective = problem.objective_from_score(score)
     if not problem.batched:
-        X = X[0]
-        soft = None if soft is None else soft[0]
+        X = X[0, ...]
+        soft = None if soft is None else soft[0, ...]
         score, objective = float(score[0]), float(objective[0])
     return MatchResult(
         X=X,

@@ -1,5 +1,367 @@
-"""The ``qapfuse`` command. PLACEHOLDER: being written."""
+"""The ``qapfuse`` command.
+
+Subcommands:
+
+* ``qapfuse solve FILE.dat`` (or ``--example NAME``) -- solve a QAPLIB instance and print the
+  objective, the gap to the best known value and the permutation (1-indexed, as QAPLIB writes
+  it); ``--json`` prints one JSON object instead.
+* ``qapfuse bench SUITE [args...]`` -- run a benchmark suite (``qapfuse.bench``).
+
+Errors (missing or malformed files, bad options) print one line ``qapfuse: error: ...`` on
+stderr and exit with status 2. Progress goes to stderr through :mod:`logging` (``-v``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+log = logging.getLogger("qapfuse.cli")
+
+DEFAULT_METHOD = "auto"
+DEFAULT_TIME_LIMIT = 2.0
+REFINERS = ("two_opt", "tabu")
+EXIT_USAGE = 2
 
 
-def main(argv=None) -> int:
-    raise NotImplementedError
+class CliError(Exception):
+    """A user error: printed as one line ``qapfuse: error: ...``, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"qapfuse: error: {message} (see '{self.prog} --help')\n")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log progress on stderr (-vv: debug detail)",
+    )
+    parser = _Parser(
+        prog="qapfuse",
+        description="Quadratic assignment and graph matching solvers (qapfuse).",
+    )
+    parser.add_argument("--version", action="version", version=f"qapfuse {_version()}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    solve = sub.add_parser(
+        "solve",
+        parents=[verbose],
+        help="solve a QAPLIB instance",
+        description=(
+            "Solve a QAPLIB instance (minimise sum_ij A[i,j] B[p(i),p(j)]) and print the "
+            "objective, the gap to the best known value (from the .sln given with --sln or "
+            "lying beside the .dat) and the permutation, 1-indexed as QAPLIB writes it."
+        ),
+    )
+    solve.add_argument("file", nargs="?", metavar="FILE.dat", help="QAPLIB .dat file")
+    solve.add_argument(
+        "--example",
+        metavar="NAME",
+        help="a QAPLIB instance shipped with qapfuse instead of FILE (e.g. nug20)",
+    )
+    solve.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        help=f"solver (default {DEFAULT_METHOD!r}: continuous start refined by tabu search)",
+    )
+    solve.add_argument(
+        "--refine", metavar="{two_opt,tabu}", help="local search applied to each result"
+    )
+    solve.add_argument("--sln", metavar="FILE.sln", help="solution file with the best known value")
+    solve.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    solve.add_argument(
+        "--time-limit",
+        type=float,
+        default=DEFAULT_TIME_LIMIT,
+        metavar="S",
+        help=f"wall-clock budget in seconds (default {DEFAULT_TIME_LIMIT:g})",
+    )
+    solve.add_argument(
+        "--restarts", type=int, default=1, metavar="K", help="runs from random starts (default 1)"
+    )
+    solve.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark suite (gm, qaplib)",
+        description="Run a benchmark suite; options after SUITE go to the suite itself.",
+        add_help=True,
+    )
+    bench.add_argument("suite", metavar="SUITE", help="benchmark suite, e.g. gm or qaplib")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# solve
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_name(value: str, what: str, choices: Sequence[str]) -> str:
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise CliError(f"unknown {what} {value!r} (choose from {', '.join(choices)}){hint}")
+
+
+def _resolve_path(args: argparse.Namespace) -> Path:
+    from .io import qaplib
+
+    if args.example is not None and args.file is not None:
+        raise CliError("give either FILE.dat or --example NAME, not both")
+    if args.example is not None:
+        try:
+            return qaplib.example_path(args.example)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    if args.file is None:
+        raise CliError(
+            f"missing FILE.dat (or --example NAME; shipped: {', '.join(qaplib.list_examples())})"
+        )
+    path = Path(args.file)
+    if not path.exists():
+        raise CliError(f"no such file: {args.file!r}")
+    if not path.is_file():
+        raise CliError(f"not a file: {args.file!r}")
+    return path
+
+
+def _run_solve(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from . import METHODS, Problem, solve
+    from .io import qaplib
+
+    method = _check_name(args.method, "method", list(METHODS))
+    refine = None if args.refine is None else _check_name(args.refine, "refine", REFINERS)
+    if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
+        raise CliError(f"--time-limit must be a positive number of seconds; got {args.time_limit}")
+    if args.restarts < 1:
+        raise CliError(f"--restarts must be an integer >= 1; got {args.restarts}")
+    path = _resolve_path(args)
+    if args.sln is not None and not Path(args.sln).is_file():
+        raise CliError(f"no such file: {args.sln!r}")
+
+    log.info("reading %s", path)
+    try:
+        inst = qaplib.load_instance(path, sln=args.sln)
+        problem = Problem.from_qaplib(path, sln=args.sln)
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if inst.sln_path is not None:
+        log.info("best known value %s (from %s)", inst.best_known, inst.sln_path)
+    log.info(
+        "solving %s (n = %d) with method %r%s, time limit %g s, %d restart(s), seed %d",
+        inst.name,
+        inst.n,
+        method,
+        "" if refine is None else f" + {refine}",
+        args.time_limit,
+        args.restarts,
+        args.seed,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            res = solve(
+                problem,
+                method,
+                refine=refine,
+                rng=args.seed,
+                time_limit=args.time_limit,
+                restarts=args.restarts,
+            )
+        except NotImplementedError:
+            raise CliError(
+                f"method {method!r}{'' if refine is None else f' + {refine!r}'} is not "
+                "available in this build yet; try --method ga"
+            ) from None
+        except (ValueError, TypeError) as exc:
+            raise CliError(str(exc)) from None
+    _report_warnings(caught, verbose=args.verbose)
+
+    perm = np.asarray(res.permutation, dtype=np.int64)
+    if perm.shape != (inst.n,) or not np.array_equal(np.sort(perm), np.arange(inst.n)):
+        raise CliError(f"method {method!r} returned no full permutation: {perm.tolist()}")
+    value = qaplib.objective(inst.A, inst.B, perm)  # exact, in the file's own number type
+    gap = None if inst.best_known is None else qaplib.relative_gap(value, inst.best_known)
+    log.info("done in %.3f s: objective %s", res.time, value)
+    best_known: int | float | None = inst.best_known
+    if best_known is not None and float(best_known).is_integer():
+        best_known = int(best_known)
+    return {
+        "instance": inst.name,
+        "path": str(path),
+        "n": inst.n,
+        "method": method,
+        "refine": refine,
+        "objective": value,
+        "best_known": best_known,
+        "gap": gap,
+        "time": float(res.time),
+        "time_limit": args.time_limit,
+        "restarts": int(res.info.get("restarts", args.restarts)),
+        "seed": args.seed,
+        "sln": None if inst.sln_path is None else str(inst.sln_path),
+        "permutation": (perm + 1).tolist(),
+    }
+
+
+def _report_warnings(caught: list[warnings.WarningMessage], *, verbose: int) -> None:
+    if not caught:
+        return
+    if verbose:
+        for w in caught:
+            log.warning("%s: %s", w.category.__name__, str(w.message).replace("\n", " "))
+        return
+    kinds = sorted({w.category.__name__ for w in caught})
+    log.warning(
+        "%d solver warning(s) (%s); rerun with -v to see them", len(caught), ", ".join(kinds)
+    )
+
+
+def _format_text(out: dict[str, Any]) -> str:
+    method = out["method"] + ("" if out["refine"] is None else f" + {out['refine']}")
+    lines = [
+        f"instance     {out['instance']} ({out['path']})",
+        f"n            {out['n']}",
+        f"method       {method} (seed {out['seed']}, restarts {out['restarts']})",
+        f"objective    {out['objective']}",
+    ]
+    if out["best_known"] is not None:
+        lines.append(f"best known   {out['best_known']} (from {out['sln']})")
+        gap = out["gap"]
+        lines.append(f"gap          {gap:.3%}" if math.isfinite(gap) else f"gap          {gap}")
+    lines.append(f"time         {out['time']:.3f} s (limit {out['time_limit']:g} s)")
+    lines.append(f"permutation  {' '.join(map(str, out['permutation']))}")
+    return "\n".join(lines)
+
+
+def _json_safe(out: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no inf/nan: an undefined gap (best known 0, value > 0) becomes null.
+    safe = dict(out)
+    if safe["gap"] is not None and not math.isfinite(safe["gap"]):
+        safe["gap"] = None
+    return safe
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        from . import bench
+    except ModuleNotFoundError as exc:
+        if exc.name != "qapfuse.bench":
+            raise
+        raise CliError("the benchmark runner (qapfuse.bench) is not installed") from None
+    runner = getattr(bench, "main", None)
+    if runner is None:
+        raise CliError("the benchmark runner (qapfuse.bench) has no main() in this build")
+    log.info("running benchmark suite %r with %s", args.suite, args.args)
+    code = runner([args.suite, *args.args])
+    return int(code or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+
+
+class _Formatter(logging.Formatter):
+    """``qapfuse: warning: ...``: lower-case level names, one line per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.levelname = record.levelname.lower()
+        return " ".join(super().format(record).split("\n"))
+
+
+def _setup_logging(verbose: int) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("qapfuse: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("qapfuse")
+    logger.addHandler(handler)
+    logger.setLevel(
+        logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    )
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``qapfuse`` command; return the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 2 on a usage or input error (one line ``qapfuse: error: ...`` on
+        stderr), or the benchmark runner's status for ``qapfuse bench``.
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if args.command is None:
+        print(
+            "qapfuse: error: a command is required: solve or bench (see 'qapfuse --help')",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    logger = logging.getLogger("qapfuse")
+    old_level = logger.level
+    handler = _setup_logging(args.verbose)
+    try:
+        if args.command == "bench":
+            return _run_bench(args)
+        out = _run_solve(args)
+        if args.json:
+            print(json.dumps(_json_safe(out), allow_nan=False))
+        else:
+            print(_format_text(out))
+        return 0
+    except CliError as exc:
+        print(f"qapfuse: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

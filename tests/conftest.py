@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +23,3 @@ def xp(request):
 def xp_np_torch(request):
     lib = pytest.importorskip(request.param)
     return array_namespace(lib.empty(0))
-
-
-def brute_force_lawler(K: np.ndarray, n1: int, n2: int) -> tuple[float, list[tuple[int, ...]]]:
-    """Best score of vec(X)^T K vec(X) over partial permutations (column-major vec) and argmaxes."""
-    best, arg = -np.inf, []
-    for cols in itertools.permutations(range(n2), n1):
-        idx = np.arange(n1) + np.asarray(cols) * n1
-        s = K[np.ix_(idx, idx)].sum()
-        if s > best + 1e-9:
-            best, arg = s, [cols]
-        elif abs(s - best) <= 1e-9:
-            arg.append(cols)
-    return float(best), arg

@@ -7,11 +7,10 @@ import warnings
 import numpy as np
 import pytest
 from array_api_compat import array_namespace, device
+from helpers import brute_force_lawler
 
 from qapfuse import ConvergenceWarning, Problem, ga, ipfp, rrwm, sm, solve
 from qapfuse.backend import to_numpy
-
-from helpers import brute_force_lawler
 
 CONTINUOUS = ["ga", "ipfp", "rrwm", "sm"]
 
@@ -87,7 +86,7 @@ def test_exact_on_isomorphic_pairs(method):
         A1, A2, truth = isomorphic_pair(7, seed)
         p = Problem.koopmans_beckmann(A1, A2)
         res = solve(p, method)
-        best, argmax = brute_force_lawler(p.to_dense()[0], 7, 7)
+        best, _ = brute_force_lawler(p.to_dense()[0], 7, 7)
         assert np.isclose(res.score, best)
         assert np.isclose(p.score(truth[None])[0], best)
 
@@ -176,7 +175,7 @@ def test_batched_problems_with_padding_solve_each_instance():
 
 
 def test_partial_matching_maps_the_small_graph_into_the_large_one():
-    A1, A2, _ = isomorphic_pair(8, 5)
+    A1, _, _ = isomorphic_pair(8, 5)
     keep = np.array([0, 2, 3, 5, 6])
     p = Problem.koopmans_beckmann(A1[np.ix_(keep, keep)], A1)
     res = ga(p)

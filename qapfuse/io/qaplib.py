@@ -87,15 +87,6 @@ class _Tokens:
     def where(self, k: int) -> str:
         return f"{self.path}: line {self.line_of(k)}"
 
-    def first_line_tokens(self) -> tuple[int, int]:
-        """(line number, token count) of the first line that holds any token."""
-        prev = 0
-        for i, end in enumerate(self._ends):
-            if end > prev:
-                return i + 1, end - prev
-            prev = end
-        return 0, 0
-
     def positive_int(self, k: int, what: str) -> int:
         tok = self.tokens[k]
         if not _INT_RE.fullmatch(tok) or int(tok) <= 0:
@@ -126,7 +117,7 @@ class _Tokens:
 
     def truncated(self, expected: int, found: int, what: str) -> ValueError:
         return ValueError(
-            f"{self.path}: file is truncated: expected {what} = {expected} numbers after n, "
+            f"{self.path}: file is truncated: expected {what} numbers after n, "
             f"found {found}; file ends at line {self.n_lines}."
         )
 
@@ -178,13 +169,13 @@ def read_dat(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     n = t.positive_int(0, "n (the first number)")
     need = 2 * n * n
     found = len(t) - 1
-    what = f"2*n*n = 2*{n}*{n}"
+    what = f"2*n*n = {need}"
     # Report a bad token before a short file: it is usually the real cause.
     values = t.numbers(1, 1 + min(found, need), f"the matrices A and B (n = {n})")
     if found < need:
         raise t.truncated(need, found, what)
     if found > need:
-        raise t.extra(1 + need, f"the {what} = {need} numbers of A and B (n = {n} on line 1)")
+        raise t.extra(1 + need, f"the {what} numbers of A and B (n = {n} on line {t.line_of(0)})")
     A = values[: n * n].reshape(n, n)
     B = values[n * n :].reshape(n, n)
     return A, B
@@ -217,12 +208,9 @@ def read_sln(path: PathLike) -> tuple[int, int | float, np.ndarray]:
     t = _Tokens(path)
     if len(t) == 0:
         raise ValueError(f"{t.path}: file is empty; expected a header 'n value' and then p.")
-    header_line, header_count = t.first_line_tokens()
-    if header_count < 2:
-        raise ValueError(
-            f"{t.path}: line {header_line}: the header must be 'n value'; found only "
-            f"{t.tokens[0]!r}."
-        )
+    if len(t) == 1:
+        raise ValueError(f"{t.where(0)}: the header must be 'n value'; found only {t.tokens[0]!r}.")
+    header_line = t.line_of(0)
     n = t.positive_int(0, "n (first number of the header 'n value')")
     value_arr = t.numbers(1, 2, "the header 'n value'")
     value: int | float = value_arr.item()
@@ -230,7 +218,8 @@ def read_sln(path: PathLike) -> tuple[int, int | float, np.ndarray]:
     if found < n:
         raise ValueError(
             f"{t.path}: file is truncated: expected n = {n} permutation entries after the "
-            f"header 'n value', found {found}; file ends at line {t.n_lines}."
+            f"header 'n value', found {found}; file ends at line {t.n_lines}. (The header "
+            "must hold both n and the value.)"
         )
     if found > n:
         raise t.extra(2 + n, f"the n = {n} permutation entries (header on line {header_line})")

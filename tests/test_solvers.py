@@ -226,6 +226,9 @@ def test_convergence_warning_points_at_the_caller():
     with pytest.warns(ConvergenceWarning, match=r"rrwm stopped at max_iter=1") as rec:
         rrwm(p, max_iter=1)
     assert rec[0].filename == __file__
+    with pytest.warns(ConvergenceWarning, match=r"ga stopped at max_inner=1") as rec:
+        solve(p, "ga", max_inner=1)
+    assert rec[0].filename == __file__
 
 
 @pytest.mark.parametrize(

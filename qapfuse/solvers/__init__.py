@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -149,14 +150,18 @@ def solve(
             # Equal shares for the runs left; with a refiner, half of a share each.
             share = remaining / (restarts - run) / (1 if refine is None else 2)
             run_opts["time_limit"] = max(share, 1e-3)
-        res = spec.func(problem, **run_opts)
-        if refine is not None:
-            left = (
-                None
-                if time_limit is None
-                else max((time_limit - (time.perf_counter() - start)) / (restarts - run), 1e-3)
-            )
-            res = METHODS[refine].func(problem, x0=res.X, time_limit=left, rng=gen)
+        # Solver warnings are re-raised below so that they point at the caller of solve.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = spec.func(problem, **run_opts)
+            if refine is not None:
+                used = time.perf_counter() - start
+                left = None if time_limit is None else (time_limit - used) / (restarts - run)
+                res = METHODS[refine].func(
+                    problem, x0=res.X, time_limit=None if left is None else max(left, 1e-3), rng=gen
+                )
+        for w in caught:
+            warnings.warn(w.message, w.category, stacklevel=2)
         n_iter += res.n_iter
         runs += 1
         best = res if best is None else _better(best, res, problem)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
 import logging
 import math
@@ -278,7 +279,7 @@ def _json_safe(out: dict[str, Any]) -> dict[str, Any]:
 
 def _run_bench(args: argparse.Namespace) -> int:
     try:
-        from . import bench
+        bench = importlib.import_module("qapfuse.bench")  # lazy: heavy optional deps
     except ModuleNotFoundError as exc:
         if exc.name != "qapfuse.bench":
             raise

@@ -469,8 +469,8 @@ def relative_gap(value: float, best_known: float) -> float:
 
     Examples
     --------
-    >>> relative_gap(2596, 2570)
-    0.01011673151750973
+    >>> round(relative_gap(2596, 2570), 6)
+    0.010117
     >>> relative_gap(0, 0), relative_gap(3, 0)
     (0.0, inf)
     """

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .. import backend
 from ..backend import Array
-from ..problem import Problem
+from ..problem import DenseAffinity, Problem
 from .lap import _hungarian_np
+from .result import MatchResult
 
-__all__ = ["check_problem", "hard_projection", "initial_soft", "random_soft", "square_mask"]
+__all__ = [
+    "check_problem",
+    "finish",
+    "hard_projection",
+    "hard_score",
+    "initial_soft",
+    "random_soft",
+    "square_mask",
+]
 
 
 def check_problem(problem: Any, caller: str) -> Problem:
@@ -98,3 +109,62 @@ def normalise(G: Array, *, xp: Any) -> Array:
     """Scale each instance of `G` (b, r, c) by its largest absolute entry (0 stays 0)."""
     m = xp.max(xp.abs(G), axis=(1, 2), keepdims=True)
     return G / xp.where(m > 0, m, xp.ones_like(m))
+
+
+def hard_score(problem: Problem, X: Array) -> np.ndarray:
+    """``vec(X)^T K vec(X)`` per instance for a 0/1 matching `X` (b, n1max, n2max), float64.
+
+    For a dense ``K`` only the ``n1 x n1`` block of matched pairs is read (a gather instead of
+    a full pass over ``K``); other operators use :meth:`Problem.score`.
+    """
+    aff = problem.affinity
+    if not isinstance(aff, DenseAffinity):
+        return backend.to_numpy(problem.score(X)).astype(np.float64)
+    xp = problem.xp
+    Xn = backend.to_numpy(X)
+    out = np.empty(problem.batch, dtype=np.float64)
+    for k in range(problem.batch):
+        rows, cols = np.nonzero(Xn[k])
+        idx = backend.asarray_on(
+            (rows + cols * problem.n1max).astype(np.int64), xp=xp, device=problem.device
+        )
+        block = xp.take(xp.take(aff.K[k, ...], idx, axis=0), idx, axis=1)
+        out[k] = float(xp.sum(block))
+    return out
+
+
+def finish(
+    problem: Problem,
+    X: Array,
+    *,
+    soft: Array | None,
+    n_iter: int,
+    converged: bool,
+    start: float,
+    score: Any = None,
+    info: Mapping[str, Any] | None = None,
+) -> MatchResult:
+    """:func:`~qapfuse.solvers.result.make_result` for a hard `X`, without a pass over ``K``.
+
+    `score` (shape (b,)) is used when the solver already knows it; otherwise it comes from
+    :func:`hard_score`.
+    """
+    X = problem.xp.astype(X, problem.dtype) if problem.dtype is not None else X
+    if score is None:
+        score = hard_score(problem, X)
+    score = np.asarray(backend.to_numpy(score), dtype=np.float64).reshape(problem.batch)
+    objective = problem.objective_from_score(score)
+    if not problem.batched:
+        X = X[0, ...]
+        soft = None if soft is None else soft[0, ...]
+        score, objective = float(score[0]), float(objective[0])
+    return MatchResult(
+        X=X,
+        soft=soft,
+        score=score,
+        objective=objective,
+        n_iter=int(n_iter),
+        converged=bool(converged),
+        time=time.perf_counter() - start,
+        info=dict(info or {}),
+    )

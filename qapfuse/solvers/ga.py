@@ -8,9 +8,9 @@ from typing import Any
 
 from .._validation import Option, check_options, warn_not_converged
 from ..problem import Problem
-from ._common import check_problem, hard_projection, initial_soft, normalise, square_mask
+from ._common import check_problem, finish, hard_projection, initial_soft, normalise, square_mask
 from .lap import sinkhorn_log
-from .result import MatchResult, make_result
+from .result import MatchResult
 
 __all__ = ["OPTIONS", "ga"]
 
@@ -114,7 +114,7 @@ def ga(
             f"{change:.2e} > tol={tol:g}; raise max_inner or lower decay."
         )
     X_hard = hard_projection(problem, X)
-    return make_result(
+    return finish(
         problem,
         X_hard,
         soft=X,

@@ -7,8 +7,8 @@ from typing import Any
 
 from .._validation import Option, check_options, warn_not_converged
 from ..problem import Problem
-from ._common import check_problem, hard_projection, initial_soft
-from .result import MatchResult, make_result
+from ._common import check_problem, finish, hard_projection, initial_soft
+from .result import MatchResult
 
 __all__ = ["OPTIONS", "ipfp"]
 
@@ -61,10 +61,16 @@ def ipfp(
     v = initial_soft(problem, x0, caller)
     Kv = problem.matvec(v)
     best_x, best_score = None, None
+    prev_b, prev_Kb = None, None
     gap, it = float("inf"), 0
     for it in range(1, max_iter + 1):
         b = hard_projection(problem, Kv)
-        Kb = problem.matvec(b)
+        # The same discrete point as last step: its product with K is already known.
+        if prev_b is not None and bool(xp.all(b == prev_b)):
+            Kb = prev_Kb
+        else:
+            Kb = problem.matvec(b)
+        prev_b, prev_Kb = b, Kb
         d, Kd = b - v, Kb - Kv
         a = xp.sum(v * Kd, axis=(1, 2), keepdims=True)
         c = xp.sum(d * Kd, axis=(1, 2), keepdims=True)
@@ -91,4 +97,6 @@ def ipfp(
             f"ipfp stopped at max_iter={max_iter} with relative gap {gap:.2e} > tol={tol:g}; "
             "raise max_iter."
         )
-    return make_result(problem, best_x, soft=v, n_iter=it, converged=converged, start=start)
+    return finish(
+        problem, best_x, soft=v, n_iter=it, converged=converged, start=start, score=best_score
+    )

@@ -6,10 +6,10 @@ import time
 from typing import Any
 
 from .._validation import Option, check_options, warn_not_converged
-from ..problem import ConstantAffinity, Problem
-from ._common import check_problem, hard_projection, initial_soft, square_mask
+from ..problem import ConstantAffinity, DenseAffinity, Problem
+from ._common import check_problem, finish, hard_projection, initial_soft, square_mask
 from .lap import sinkhorn_log
-from .result import MatchResult, make_result
+from .result import MatchResult
 
 __all__ = ["OPTIONS", "rrwm"]
 
@@ -80,8 +80,9 @@ def rrwm(
     )
     xp = problem.xp
     mask = problem.mask
-    lo, _ = problem.affinity.entry_bounds()
     aff = problem.affinity
+    # Only the smallest entry is needed (one pass over a dense K instead of two).
+    lo = float(xp.min(aff.K)) if isinstance(aff, DenseAffinity) else aff.entry_bounds()[0]
     if lo < 0:
         aff = aff + ConstantAffinity(-lo, mask)
     # Scale K by its largest row sum (the walk's transition normaliser).
@@ -114,7 +115,7 @@ def rrwm(
             f"rrwm stopped at max_iter={max_iter} with change {change:.2e} > tol={tol:g}; "
             "raise max_iter."
         )
-    return make_result(
+    return finish(
         problem, hard_projection(problem, v), soft=v, n_iter=it, converged=converged, start=start
     )
 

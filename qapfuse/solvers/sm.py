@@ -7,8 +7,8 @@ from typing import Any
 
 from .._validation import Option, check_options, warn_not_converged
 from ..problem import Problem
-from ._common import check_problem, hard_projection, initial_soft
-from .result import MatchResult, make_result
+from ._common import check_problem, finish, hard_projection, initial_soft
+from .result import MatchResult
 
 __all__ = ["OPTIONS", "sm"]
 
@@ -69,6 +69,6 @@ def sm(
             f"sm stopped at max_iter={max_iter} with change {change:.2e} > tol={tol:g}; "
             "raise max_iter."
         )
-    return make_result(
+    return finish(
         problem, hard_projection(problem, v), soft=v, n_iter=it, converged=converged, start=start
     )

@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -306,6 +307,15 @@ class _Formatter(logging.Formatter):
         return " ".join(super().format(record).split("\n"))
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured)
+        pass
+
+
 def _setup_logging(verbose: int) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter("qapfuse: %(levelname)s: %(message)s"))
@@ -358,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"qapfuse: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `qapfuse solve ... | head -c 100`
+        _silence_stdout()
+        return 1
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)

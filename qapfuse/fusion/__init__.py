@@ -1,0 +1,36 @@
+"""Model fusion: networks as permutation-symmetric weighted graphs.
+
+Part 1 (this package so far): :func:`trace` derives a :class:`PermutationSpec` from a model,
+:func:`permute` applies channel permutations, :func:`to_graph` / :func:`from_graph` turn a
+state dict into a :class:`NetworkGraph` and back. See ``docs/fusion.md``.
+"""
+
+from .graph import Edge, NetworkGraph, NodeFeature, from_graph, to_graph
+from .permute import identity_permutations, permute, random_permutations
+from .spec import (
+    PermutationSpec,
+    Segment,
+    SpecError,
+    TracingError,
+    UnsupportedOpError,
+    check_same_shapes,
+    trace,
+)
+
+__all__ = [
+    "Edge",
+    "NetworkGraph",
+    "NodeFeature",
+    "PermutationSpec",
+    "Segment",
+    "SpecError",
+    "TracingError",
+    "UnsupportedOpError",
+    "check_same_shapes",
+    "from_graph",
+    "identity_permutations",
+    "permute",
+    "random_permutations",
+    "to_graph",
+    "trace",
+]

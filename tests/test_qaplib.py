@@ -269,6 +269,12 @@ def test_extra_tokens_report_their_line(tmp_path):
         qaplib.read_dat(path)
 
 
+def test_n_best_known_header_variant_gets_a_hint(tmp_path):
+    path = _write(tmp_path, "plma.dat", DAT3.replace("3\n", "3 121\n", 1))
+    with pytest.raises(ValueError, match=r"line 9: unexpected extra token '0'.*'n best_known'"):
+        qaplib.read_dat(path)
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

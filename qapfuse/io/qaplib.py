@@ -175,7 +175,13 @@ def read_dat(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     if found < need:
         raise t.truncated(need, found, what)
     if found > need:
-        raise t.extra(1 + need, f"the {what} numbers of A and B (n = {n} on line {t.line_of(0)})")
+        err = t.extra(1 + need, f"the {what} numbers of A and B (n = {n} on line {t.line_of(0)})")
+        if found == need + 1 and t.line_of(1) == t.line_of(0):
+            err = ValueError(
+                f"{err} If the first line is 'n best_known' (a variant of the format), "
+                "delete its second number."
+            )
+        raise err
     A = values[: n * n].reshape(n, n)
     B = values[n * n :].reshape(n, n)
     return A, B

@@ -582,9 +582,15 @@ def _op_name(n: torch.fx.Node, module: torch.nn.Module | None = None) -> str:
     if n.op == "call_method":
         return f"call_method .{n.target}()"
     target = n.target
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
-    mod = getattr(target, "__module__", None)
-    return f"call_function {mod + '.' if mod else ''}{name or target!r}"
+    name = getattr(target, "__name__", None)
+    if name is not None:
+        for prefix, namespace in (("torch.nn.functional.", F), ("torch.", torch),
+                                  ("operator.", operator)):  # fmt: skip
+            if getattr(namespace, name, None) is target:
+                return f"call_function {prefix}{name}"
+        mod = getattr(target, "__module__", None)
+        return f"call_function {mod + '.' if mod else ''}{name}"
+    return f"call_function {target!r}"
 
 
 class _Analyser(torch.fx.Interpreter):
@@ -1163,6 +1169,7 @@ class _ConcreteTracer(torch.fx.Tracer):
         super().__init__()
         self._inputs = list(inputs)
         self._n_placeholders = 0
+        self._evaluating = False
 
     @staticmethod
     def _value(a: Any) -> Any:
@@ -1176,24 +1183,38 @@ class _ConcreteTracer(torch.fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest, **kw)
         vals = torch.fx.node.map_aggregate(args, self._value)
         kwvals = torch.fx.node.map_aggregate(kwargs, self._value)
-        if kind == "placeholder":
-            i = self._n_placeholders
-            self._n_placeholders += 1
-            value = self._inputs[i] if i < len(self._inputs) else (vals[0] if vals else None)
-        elif kind == "get_attr":
-            value = self.root
-            for part in str(target).split("."):
-                value = getattr(value, part)
-        elif kind == "call_module":
-            value = self.root.get_submodule(target)(*vals, **kwvals)
-        elif kind == "call_function":
-            value = target(*vals, **kwvals)
-        elif kind == "call_method":
-            value = getattr(vals[0], target)(*vals[1:], **kwvals)
-        else:
-            value = None
+        self._evaluating = True  # Module.__call__/__getattr__ are patched while tracing
+        try:
+            if kind == "placeholder":
+                i = self._n_placeholders
+                self._n_placeholders += 1
+                value = self._inputs[i] if i < len(self._inputs) else (vals[0] if vals else None)
+            elif kind == "get_attr":
+                value = self.root
+                for part in str(target).split("."):
+                    value = getattr(value, part)
+            elif kind == "call_module":
+                value = self.root.get_submodule(target)(*vals, **kwvals)
+            elif kind == "call_function":
+                value = target(*vals, **kwvals)
+            elif kind == "call_method":
+                value = getattr(vals[0], target)(*vals[1:], **kwvals)
+            else:
+                value = None
+        finally:
+            self._evaluating = False
         proxy.node.meta["concrete"] = value
         return proxy
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         value = obj.node.meta.get("concrete")

@@ -1,0 +1,26 @@
+"""Graph-matching affinities: build ``K`` fast (Numba / torch), or never build it.
+
+* :func:`build_aff_mat` -- pygmtools-compatible builder returning ``K`` (dense array, sparse
+  matrices, or a matrix-free operator);
+* :func:`graph_matching_problem` -- the same inputs as a :class:`~qapfuse.Problem`;
+* kernels: :func:`inner_product_kernel`, :func:`gaussian_kernel`, :func:`custom_kernel`;
+* :class:`EdgeFactorAffinity` -- ``K vec(X)`` as ``sum_t A_t X B_t^T`` (exact for the inner
+  product, a Taylor expansion with a stated error bound for the Gaussian);
+* :class:`CSRAffinity` -- a sparse ``K`` with a parallel (Numba) product.
+"""
+
+from .builders import CSRAffinity, build_aff_mat, graph_matching_problem
+from .kernels import Kernel, custom_kernel, gaussian_kernel, inner_product_kernel
+from .operator import EdgeFactorAffinity, gaussian_terms
+
+__all__ = [
+    "CSRAffinity",
+    "EdgeFactorAffinity",
+    "Kernel",
+    "build_aff_mat",
+    "custom_kernel",
+    "gaussian_kernel",
+    "gaussian_terms",
+    "graph_matching_problem",
+    "inner_product_kernel",
+]

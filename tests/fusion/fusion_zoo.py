@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
 
 from qapfuse.fusion import PermutationSpec, Segment, trace
-from qapfuse.fusion import models as M
+from qapfuse.fusion import models as M  # noqa: N812
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
@@ -195,7 +195,7 @@ def hand_spec(name: str) -> PermutationSpec:
     return PermutationSpec(CASES[name][2](), fixed={"input", "output"})
 
 
-@lru_cache(maxsize=None)
+@cache
 def traced(name: str) -> PermutationSpec:
     model, x = make(name)
     return trace(model, x)

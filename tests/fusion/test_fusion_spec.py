@@ -75,13 +75,15 @@ def test_bad_hand_written_specs_are_refused(axes, kwargs, exc, match):
 def test_spec_that_does_not_cover_a_parameter_names_it():
     sd = MLP(4, (3,), 2).state_dict()
     spec = PermutationSpec({"layers.0.weight": ("h", "input"), "layers.0.bias": ("h",)})
-    with pytest.raises(SpecError, match="does not cover the parameter or buffer 'layers.2.weight'"):
+    with pytest.raises(
+        SpecError, match=r"does not cover the parameter or buffer 'layers.2.weight'"
+    ):
         spec.resolve(sd)
     extra = dict.fromkeys(sd, ()) | {"ghost": ()}
-    with pytest.raises(SpecError, match="names 'ghost', which is not in the state dict"):
+    with pytest.raises(SpecError, match=r"names 'ghost', which is not in the state dict"):
         PermutationSpec(extra).resolve(sd)
     wrong_ndim = {k: (None,) for k in sd}
-    with pytest.raises(SpecError, match="'layers.0.weight'\\] has 2 axes"):
+    with pytest.raises(SpecError, match=r"'layers.0.weight'\] has 2 axes"):
         PermutationSpec(wrong_ndim).resolve(sd)
 
 
@@ -89,25 +91,25 @@ def test_state_dict_of_a_wider_model_names_the_key():
     spec = trace(MLP(4, (3,), 2), torch.zeros(1, 4))
     wide = MLP(4, (5,), 2).state_dict()
     with pytest.raises(
-        SpecError, match="'layers.0.weight'\\] has shape \\(5, 4\\).*different widths"
+        SpecError, match=r"'layers.0.weight'\] has shape \(5, 4\).*different widths"
     ):
         spec.resolve(wide)
 
 
 def test_inconsistent_group_sizes_are_reported():
     spec = PermutationSpec({"a": ("g",), "b": ("g",)})
-    with pytest.raises(SpecError, match="state_dict\\['b'\\] has shape \\(4,\\)"):
+    with pytest.raises(SpecError, match=r"state_dict\['b'\] has shape \(4,\)"):
         spec.resolve({"a": torch.zeros(3), "b": torch.zeros(4)})
 
 
 def test_check_same_shapes_names_the_key():
     a, b = MLP(4, (3,), 2).state_dict(), MLP(4, (6,), 2).state_dict()
     check_same_shapes(a, MLP(4, (3,), 2).state_dict())
-    with pytest.raises(SpecError, match="state_dicts\\[1\\]\\['layers.0.weight'\\] has shape"):
+    with pytest.raises(SpecError, match=r"state_dicts\[1\]\['layers.0.weight'\] has shape"):
         check_same_shapes(a, b)
-    with pytest.raises(SpecError, match="lacks the key 'layers.2.bias'"):
+    with pytest.raises(SpecError, match=r"lacks the key 'layers.2.bias'"):
         check_same_shapes(a, {k: v for k, v in a.items() if k != "layers.2.bias"})
-    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"must be a torch.Tensor"):
         check_same_shapes(a, dict.fromkeys(a, 1.0))
 
 

@@ -185,9 +185,9 @@ def _check_graphs(
                     f"`{cn}` in {caller} must have shape (ne, 2) or (b, ne, 2) (start and end "
                     f"node of each edge); got shape {tuple(c.shape)}.{hint}"
                 )
-            c = batch_of(c, 2, cn)
             if f.ndim == c.ndim - 1:  # one scalar feature per edge
                 f = f[..., None]
+            c = batch_of(c, 2, cn)
             f = batch_of(f, 2, fn)
             if f.shape[1] != c.shape[1]:
                 raise ValueError(
@@ -610,7 +610,7 @@ def _build(
         return _build_torch(g, node, ke, format, dt, caller)
     ek = ke if g.has_edge else Kernel("inner_product")  # no edges: only the node diagonal
     _, dense_fill, sparse_fill = _numba_kernels(ek, caller, "edge_aff")
-    nd = np.zeros((1, 1), np.float64) if node is None else node
+    nd = np.zeros((1, 1, 1), np.float64) if node is None else node
     if format == "dense":
         out = np.zeros((g.batch, N, N), dtype=dt)
         for k in range(g.batch):

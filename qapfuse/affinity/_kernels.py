@@ -143,7 +143,7 @@ sparse_count = nb.njit(parallel=True, cache=True)(_sparse_count_py)
 csr_matvec = nb.njit(parallel=True, cache=True)(_csr_matvec_py)
 
 
-def custom_kernels(fn: Callable[..., float]) -> tuple[Any, Any, Any]:
+def custom_kernels(fn: Callable[..., float], parallel: bool = True) -> tuple[Any, Any, Any]:
     """``(pairwise, dense_fill, sparse_fill)`` compiled around the Numba function ``fn(x, y)``.
 
     The three kernels are the built-in ones with ``_pair`` bound to ``fn`` (``kind`` and
@@ -159,5 +159,5 @@ def custom_kernels(fn: Callable[..., float]) -> tuple[Any, Any, Any]:
         g = dict(py.__globals__)
         g["_pair"] = pair
         clone = types.FunctionType(py.__code__, g, py.__name__, py.__defaults__, py.__closure__)
-        out.append(nb.njit(parallel=True)(clone))
+        out.append(nb.njit(parallel=parallel)(clone))
     return out[0], out[1], out[2]

@@ -539,14 +539,15 @@ def _numba_kernels(kern: Kernel, caller: str, name: str) -> tuple[Any, Any, Any]
             f"The {name!r} kernel of {caller} has no Numba function for numpy inputs; pass "
             "custom_kernel(numba_fn=...)."
         )
-    cached = _CUSTOM.get(id(kern.numba_fn))
+    key = (id(kern.numba_fn), kern.parallel)
+    cached = _CUSTOM.get(key)
     if cached is None or cached[0] is not kern.numba_fn:
-        cached = (kern.numba_fn, _kernels.custom_kernels(kern.numba_fn))
-        _CUSTOM[id(kern.numba_fn)] = cached
+        cached = (kern.numba_fn, _kernels.custom_kernels(kern.numba_fn, kern.parallel))
+        _CUSTOM[key] = cached
     return cached[1]
 
 
-_CUSTOM: dict[int, tuple[Any, tuple[Any, Any, Any]]] = {}
+_CUSTOM: dict[tuple[int, bool], tuple[Any, tuple[Any, Any, Any]]] = {}
 
 
 def _torch_pairwise(F1: Any, F2: Any, kern: Kernel, caller: str, name: str) -> Any:
@@ -683,7 +684,9 @@ def _build_torch(g: _Graphs, node: Any, ke: Kernel, format: str, dt: Any, caller
             K[r, c] = v
             dense.append(K)
         else:
-            K = torch.sparse_coo_tensor(torch.stack([r, c]), v, (N, N)).coalesce()
+            K = torch.sparse_coo_tensor(
+                torch.stack([r, c]), v, (N, N), check_invariants=False
+            ).coalesce()
             sparse.append(K)
     return torch.stack(dense) if format == "dense" else sparse
 

@@ -331,7 +331,7 @@ def _sparse(vals, rows, cols, shape, dt, dev, torch_):
         torch = backend._torch()
         idx = torch.as_tensor(np.stack([rows, cols]), dtype=torch.int64, device=dev)
         v = torch.as_tensor(vals, dtype=dt, device=dev)
-        return torch.sparse_coo_tensor(idx, v, shape).coalesce()
+        return torch.sparse_coo_tensor(idx, v, shape, check_invariants=False).coalesce()
     import scipy.sparse as sp
 
     return sp.csr_matrix((vals.astype(dt), (rows, cols)), shape=shape)

@@ -285,11 +285,11 @@ def _all_deltas(mode, F, FT, G, GT, C, K, n1, p, delta):
 
 
 @njit(cache=True)
-def _two_opt_first(mode, F, FT, G, GT, C, K, n1, p, state, max_moves, tol):
+def _two_opt_first(mode, F, FT, G, GT, C, K, n1, p, state, max_moves, max_evals, tol):
     """First-improvement 2-opt, scanning pairs cyclically from ``state[1:3]``.
 
-    ``state`` (int64): [local_optimum_flag, r, s, moves, unproductive_pairs]. Returns the cost
-    change made.
+    Stops after `max_moves` swaps or `max_evals` evaluated swaps. ``state`` (int64):
+    [local_optimum_flag, r, s, moves, unproductive_pairs]. Returns the cost change made.
     """
     n = p.shape[0]
     rmax = min(n1, n - 1)
@@ -305,7 +305,9 @@ def _two_opt_first(mode, F, FT, G, GT, C, K, n1, p, state, max_moves, tol):
     if npairs == 0:
         state[0] = 1
         return 0.0
-    while moves < max_moves:
+    evals = 0
+    while moves < max_moves and evals < max_evals:
+        evals += 1
         d = _delta(mode, F, FT, G, GT, C, K, n1, p, r, s)
         if d < -tol:
             _swap(mode, G, GT, p, r, s)
@@ -332,7 +334,7 @@ def _two_opt_first(mode, F, FT, G, GT, C, K, n1, p, state, max_moves, tol):
 
 @njit(cache=True)
 def _two_opt_best(mode, F, FT, G, GT, C, K, n1, p, delta, state, max_moves, tol, a1, a2, b1, b2):
-    """Best-improvement 2-opt over a maintained delta matrix (``_all_deltas`` first).
+    """Best-improvement 2-opt over a maintained delta matrix (up to date on entry and exit).
 
     ``state`` (int64): [local_optimum_flag, ., ., moves, .]. Returns the cost change made.
     """
@@ -340,34 +342,46 @@ def _two_opt_best(mode, F, FT, G, GT, C, K, n1, p, delta, state, max_moves, tol,
     rmax = min(n1, n - 1)
     total = 0.0
     state[0] = 0
-    for _ in range(max_moves):
+    u = -1
+    v = -1
+    moves = 0
+    while True:
+        if u >= 0:
+            _refresh_rows(mode, F, FT, G, GT, C, K, n1, p, delta, u, v)
         bu = -1
         bv = -1
         bd = -tol
         for r in range(rmax):
+            skip_r = u < 0 or r == u or r == v
+            a1r = a1[r]
+            a2r = a2[r]
+            b1r = b1[r]
+            b2r = b2[r]
             for s in range(r + 1, n):
-                if delta[r, s] < bd:
-                    bd = delta[r, s]
+                if skip_r or s == u or s == v:
+                    d = delta[r, s]
+                elif mode == 0:
+                    d = delta[r, s] - (a1r - a1[s]) * (b1r - b1[s]) - (a2r - a2[s]) * (b2r - b2[s])
+                    delta[r, s] = d
+                else:
+                    d = _updated(mode, F, FT, G, GT, C, K, n1, p, delta, r, s, u, v, a1, a2, b1, b2)
+                    delta[r, s] = d
+                if d < bd:
+                    bd = d
                     bu = r
                     bv = s
         if bu < 0:
             state[0] = 1
-            return total
+            break
+        if moves >= max_moves:
+            break  # budget spent; delta is up to date
         _swap(mode, G, GT, p, bu, bv)
         total += bd
+        moves += 1
         state[3] += 1
-        _move_vectors(mode, F, FT, G, GT, p, bu, bv, a1, a2, b1, b2)
-        for r in range(rmax):
-            for s in range(r + 1, n):
-                delta[r, s] = _updated(
-                    mode, F, FT, G, GT, C, K, n1, p, delta, r, s, bu, bv, a1, a2, b1, b2
-                )
-    # One more scan: is the final point a local optimum?
-    for r in range(rmax):
-        for s in range(r + 1, n):
-            if delta[r, s] < -tol:
-                return total
-    state[0] = 1
+        u = bu
+        v = bv
+        _move_vectors(mode, F, FT, G, GT, p, u, v, a1, a2, b1, b2)
     return total
 
 
@@ -637,7 +651,13 @@ def _start_perms(
             perms.append(gen.permutation(int(problem.n2[k])).astype(np.int64))
         return perms
     X0 = initial_soft(problem, x0, caller)
-    H = backend.to_numpy(hard_projection(problem, X0))
+    return perms_from_hard(problem, backend.to_numpy(hard_projection(problem, X0)))
+
+
+def perms_from_hard(problem: Problem, H: np.ndarray) -> list[np.ndarray]:
+    """Permutations of n2[k] from hard matchings `H` (b, n1max, n2max): dummy rows take the
+    unmatched columns in increasing order."""
+    perms = []
     for k in range(problem.batch):
         n1, n = int(problem.n1[k]), int(problem.n2[k])
         p = np.empty(n, dtype=np.int64)
@@ -743,25 +763,62 @@ def _run_two_opt(
     n = inst.n
     if n < 2 or inst.n1 == 0:
         return p, 0, True
-    chunk = _Chunker(deadline, max_iter, max(1, 20000 // n) if deadline is not None else 1 << 30)
     args = inst.state(p)
+    big = 1 << 62
     if strategy == "best":
-        delta = np.zeros((n, n))
+        delta = _initial_deltas(inst, args, p)
         vecs = [np.zeros(n) for _ in range(4)]
-        _all_deltas(*args, p, delta)
-    while True:
-        steps = chunk.next()
-        if steps == 0:
+        # Chunks count moves (each O(n^2)).
+        chunk = _Chunker(deadline, max_iter, max(1, 200000 // (n * n)))
+        while (steps := chunk.next()) > 0:
+            t0 = time.perf_counter()
+            _two_opt_best(*args, p, delta, state, steps, inst.tol, *vecs)
+            chunk.done(steps, time.perf_counter() - t0)
+            if state[0]:
+                break
+        return p, int(state[3]), bool(state[0])
+    # First improvement: chunks count evaluated swaps (each O(n)); max_iter counts moves.
+    chunk = _Chunker(deadline, None, max(1, 200000 // n))
+    while (evals := chunk.next()) > 0:
+        moves_left = big if max_iter is None else max_iter - int(state[3])
+        if moves_left <= 0:
             break
         t0 = time.perf_counter()
-        if strategy == "first":
-            _two_opt_first(*args, p, state, steps, inst.tol)
-        else:
-            _two_opt_best(*args, p, delta, state, steps, inst.tol, *vecs)
-        chunk.done(steps, time.perf_counter() - t0)
+        _two_opt_first(
+            *args, p, state, moves_left, evals if deadline is not None else big, inst.tol
+        )
+        chunk.done(evals, time.perf_counter() - t0)
         if state[0]:
             break
     return p, int(state[3]), bool(state[0])
+
+
+def _initial_deltas(inst: _Instance, args: tuple[Any, ...], p: np.ndarray) -> np.ndarray:
+    """Matrix of all swap deltas at `p` (upper triangle used): BLAS for KB, loops for dense."""
+    n = inst.n
+    if inst.mode != _KB:
+        delta = np.zeros((n, n))
+        _all_deltas(*args, p, delta)
+        return delta
+    F, FT, G, GT, C = inst.F, inst.FT, args[3], args[4], inst.C
+    # Sum over all k of the two products (see the module notes), as matrix products ...
+    P = FT @ GT.T
+    Q = F @ G.T
+    S = P + P.T + Q + Q.T
+    dP, dQ = np.diag(P), np.diag(Q)
+    S -= (dP + dQ)[:, None] + (dP + dQ)[None, :]
+    # ... minus the k = r and k = s terms, plus the exact pair terms and the linear part.
+    f, g = np.diag(F), np.diag(G)
+    fr, fc = f[:, None], f[None, :]
+    gr, gc = g[:, None], g[None, :]
+    FTr, GTr = F.T, G.T  # F_sr and G_sr at [r, s]
+    k_r = (fr - F) * (G - gr) + (fr - FTr) * (GTr - gr)
+    k_s = (FTr - fc) * (gc - GTr) + (F - fc) * (gc - G)
+    exact = (fr - fc) * (gc - gr) + (F - FTr) * (GTr - G)
+    Cp = C[:, p]
+    cd = np.diag(Cp)
+    lin = Cp + Cp.T - cd[:, None] - cd[None, :]
+    return np.ascontiguousarray(S - k_r - k_s + exact + lin)
 
 
 @dataclass
@@ -794,9 +851,8 @@ def _run_tabu(
     tenures = gen.integers(lo, hi + 1, size=256).astype(np.int64)
     period = 2 * hi
     asp = 5 * n * n if aspiration is None else int(aspiration)
-    delta = np.zeros((n, n))
     args = inst.state(p)
-    _all_deltas(*args, p, delta)
+    delta = _initial_deltas(inst, args, p)
     # Never-left assignments count as left long ago (not tabu), in a fixed staggered order.
     last = -(np.arange(n * n, dtype=np.int64).reshape(n, n) + 2 * hi + 1)
     best_p = p.copy()

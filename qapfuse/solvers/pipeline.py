@@ -1,12 +1,24 @@
-"""The default pipeline ("auto"): a continuous start refined by tabu search. PLACEHOLDER."""
+"""The default pipeline ("auto"): continuous starts (IPFP) refined by robust tabu search."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
+import warnings
 from typing import Any
 
-from .._validation import Option
+import numpy as np
+
+from .. import backend
+from .._validation import Option, check_options
+from ..errors import ConvergenceWarning
 from ..problem import Problem
-from .result import MatchResult
+from . import local
+from ._common import check_problem, initial_soft, random_soft
+from .ga import ga
+from .ipfp import ipfp
+from .result import MatchResult, make_result
 
 __all__ = ["OPTIONS", "auto"]
 
@@ -16,6 +28,157 @@ OPTIONS: dict[str, Option] = {
     "rng": Option("any", allow_none=True),
 }
 
+#: Default wall-clock budget of :func:`auto`, in seconds.
+DEFAULT_TIME_LIMIT = 2.0
 
-def auto(problem: Problem, **options: Any) -> MatchResult:
-    raise NotImplementedError
+# IPFP gets at most this share of a round, estimated from n^3 per step before it runs.
+_IPFP_SHARE = 0.15
+_IPFP_SECONDS_PER_N3 = 5e-10
+
+
+def _rounds(time_limit: float) -> int:
+    """Tabu rounds (restarts) for a budget: 2 up to 2 s, then about one per second, at most 8."""
+    return max(2, min(8, round(time_limit)))
+
+
+def _ipfp_steps(n: int, batch: int, seconds: float) -> int:
+    """IPFP steps that fit in `seconds` (0: skip IPFP, start at random)."""
+    per_step = batch * (_IPFP_SECONDS_PER_N3 * float(n) ** 3 + 1e-4)
+    return int(min(50, math.floor(seconds / per_step)))
+
+
+def auto(
+    problem: Problem,
+    *,
+    time_limit: float | None = None,
+    x0: Any = None,
+    rng: Any = None,
+) -> MatchResult:
+    r"""The default QAP pipeline: continuous starts refined by robust tabu search, with restarts.
+
+    The budget is split into ``R`` rounds (``R = 2`` up to 2 s, then about one per second, at
+    most 8). Each round takes a start, runs :func:`~qapfuse.solvers.local.tabu` from it until
+    the round's deadline, and the best matching over all rounds is kept (per instance):
+
+    * round 1 starts from `x0` if given, else from IPFP [2]_ (Frank--Wolfe with Hungarian
+      steps) from the uniform matrix;
+    * later rounds start from IPFP run from a random soft start (a random permutation mixed
+      with the uniform matrix), which gives diverse, reasonable starts.
+
+    IPFP is skipped (random permutation instead) when its estimated cost exceeds 15% of a
+    round, e.g. very large ``n`` under a short `time_limit`. On QAPLIB, IPFP starts helped
+    tabu search on the structured ``tai*b`` instances and did not hurt elsewhere, while GA
+    starts cost several seconds at ``n >= 25`` for no better tabu results, so GA is not used
+    when tabu search applies.
+
+    Problems that local search cannot take (neither Koopmans--Beckmann nor small enough for a
+    dense ``K``; see :func:`~qapfuse.solvers.local.tabu`) get graduated assignment
+    (:func:`~qapfuse.solvers.ga.ga`) alone, which does not follow `time_limit`.
+
+    Parameters
+    ----------
+    problem : Problem
+        Any problem; batched problems run IPFP on the whole batch and tabu search per
+        instance (the time split evenly).
+    time_limit : float > 0, optional
+        Wall-clock budget in seconds. Default 2.0. Numba compilation on the first call of a
+        process is not counted; IPFP steps and the O(n^3) set-up of each tabu round are not
+        interrupted, so very short limits can be exceeded by a few milliseconds (n = 256:
+        ~10-20 ms).
+    x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
+        Start of the first round (hard or soft), in the problem's library.
+    rng : None, int, numpy.random.Generator or torch.Generator, optional
+        Random starts and tabu tenures. Results depend on the time budget too.
+
+    Returns
+    -------
+    MatchResult
+        Best ``X`` of shape (n1, n2) or (b, n1max, n2max) in the problem's library, dtype and
+        device; ``soft`` is None; ``n_iter`` sums the tabu iterations; ``converged`` is True
+        when each returned matching is verified to be a swap-local optimum.
+        ``info``: ``"rounds"`` (rounds run), ``"starts"`` (kind of each round's start),
+        ``"form"`` (``"kb"``, ``"dense"`` or ``"ga"``).
+
+    References
+    ----------
+    .. [1] É. D. Taillard, "Robust taboo search for the quadratic assignment problem",
+           Parallel Computing 17(4-5), 443-455, 1991. doi:10.1016/S0167-8191(05)80147-4
+    .. [2] M. Leordeanu, M. Hebert, R. Sukthankar, "An integer projected fixed point method
+           for graph matching and MAP inference", NeurIPS 2009.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qapfuse import Problem, solve
+    >>> rng = np.random.default_rng(0)
+    >>> A, B = rng.integers(0, 9, (12, 12)), rng.integers(0, 9, (12, 12))
+    >>> res = solve(Problem.koopmans_beckmann(A, B, sense="min"), "auto", time_limit=0.2)
+    >>> res.X.shape, res.info["rounds"]
+    ((12, 12), 2)
+    """
+    start = time.perf_counter()
+    caller = "auto"
+    check_problem(problem, caller)
+    check_options(dict(time_limit=time_limit), OPTIONS, caller)
+    T = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
+    gen = backend.rng_from(rng, caller=caller)
+    if x0 is not None:
+        initial_soft(problem, x0, caller)  # validate before any work
+
+    form = local.local_search_form(problem)
+    if form is None:
+        res = ga(problem, x0=x0, rng=gen)
+        info = {**res.info, "form": "ga", "rounds": 1, "starts": ["ga"]}
+        return dataclasses.replace(res, info=info, time=time.perf_counter() - start)
+
+    insts = local._instances(problem, caller)
+    local.warm_up()  # compile outside the budget
+    t0 = time.perf_counter()
+    deadline = t0 + T
+    R = _rounds(T)
+    nmax = max(int(problem.n2.max()), 1) if problem.batch else 1
+    best_perm: list[np.ndarray | None] = [None] * problem.batch
+    best_cost = [math.inf] * problem.batch
+    best_local = [False] * problem.batch
+    starts: list[str] = []
+    n_iter = 0
+    for rnd in range(R):
+        now = time.perf_counter()
+        if now >= deadline and rnd > 0:
+            break
+        round_end = now + (deadline - now) / (R - rnd)
+        steps = _ipfp_steps(nmax, problem.batch, _IPFP_SHARE * (round_end - now))
+        if rnd == 0 and x0 is not None:
+            perms = local._start_perms(problem, x0, gen, caller)
+            starts.append("x0")
+        elif steps >= 3:
+            init = None if rnd == 0 else random_soft(problem, gen)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # a start, not an answer
+                res = ipfp(problem, x0=init, max_iter=steps, tol=1e-3)
+            H = backend.to_numpy(res.X)
+            perms = local.perms_from_hard(problem, H if problem.batched else H[None])
+            starts.append("ipfp" if rnd == 0 else "ipfp-random")
+        else:
+            perms = local._start_perms(problem, None, gen, caller)
+            starts.append("random")
+        for k, inst in enumerate(insts):
+            left = round_end - time.perf_counter()
+            inst_deadline = time.perf_counter() + max(left, 0.0) / (len(insts) - k)
+            st = local._run_tabu(inst, perms[k], None, inst_deadline, None, None, gen)
+            n_iter += st.n_iter
+            if st.best < best_cost[k]:
+                best_cost[k], best_perm[k], best_local[k] = st.best, st.best_p, st.best_is_local
+    perms_out = [
+        p if p is not None else np.arange(int(problem.n2[k])) for k, p in enumerate(best_perm)
+    ]
+    X = local._perms_to_X(problem, perms_out)
+    return make_result(
+        problem,
+        X,
+        soft=None,
+        n_iter=n_iter,
+        converged=all(best_local),
+        start=start,
+        info={"form": form, "rounds": len(starts), "starts": starts},
+    )

@@ -19,7 +19,7 @@ from . import local as _local
 from . import pipeline as _pipeline
 from . import rrwm as _rrwm
 from . import sm as _sm
-from ._common import check_problem, random_soft
+from ._common import check_problem, kicked, random_soft
 from .ga import ga
 from .ipfp import ipfp
 from .lap import hungarian, sinkhorn
@@ -91,7 +91,9 @@ def solve(
         Local search applied to each result of `method`.
     restarts : int >= 1
         Runs of `method` (+ `refine`): the first from `x0` (or the method's default start),
-        the others from random starts drawn from `rng`; the best per instance is kept.
+        the others from random starts drawn from `rng`; with `refine`, each later local search
+        starts from the best matching so far after a few random moves (iterated local
+        search). The best per instance is kept.
     time_limit : float > 0, optional
         Wall-clock budget in seconds for the whole call: no new restart begins after it, and
         time-aware methods (local search, ``auto``) get the remaining share.
@@ -157,8 +159,11 @@ def solve(
             if refine is not None:
                 used = time.perf_counter() - start
                 left = None if time_limit is None else (time_limit - used) / (restarts - run)
+                # Later runs start the local search from a kicked copy (iterated local search):
+                # deterministic methods (ga, sm) return the same point from any start.
+                x_ref = res.X if run == 0 else kicked(problem, best.X, gen)
                 res = METHODS[refine].func(
-                    problem, x0=res.X, time_limit=None if left is None else max(left, 1e-3), rng=gen
+                    problem, x0=x_ref, time_limit=None if left is None else max(left, 1e-3), rng=gen
                 )
         for w in caught:
             warnings.warn(w.message, w.category, stacklevel=2)

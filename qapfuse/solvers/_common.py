@@ -99,6 +99,31 @@ def random_soft(problem: Problem, rng: np.random.Generator, *, mix: float = 0.5)
     return _like_problem(m, problem)
 
 
+def kicked(problem: Problem, X: Array, rng: np.random.Generator) -> Array:
+    """`X` (a 0/1 matching, batched or not) after random moves: a restart point for local search.
+
+    Each instance gets ``max(2, n1 // 4)`` moves; a move gives row ``i`` a random column,
+    swapping with the row that held it (or freeing the old column when the new one was free).
+    """
+    Xn = np.array(backend.to_numpy(X), dtype=np.float64)
+    batched = Xn.ndim == 3
+    Xb = Xn if batched else Xn[None]
+    for k in range(Xb.shape[0]):
+        n1, n2 = int(problem.n1[k]), int(problem.n2[k])
+        if n1 < 2 and n1 == n2:
+            continue
+        cols = np.argmax(Xb[k, :n1, :n2], axis=1)
+        for _ in range(max(2, n1 // 4)):
+            i, a = int(rng.integers(n1)), int(rng.integers(n2))
+            holder = np.nonzero(cols == a)[0]
+            if holder.size:
+                cols[holder[0]] = cols[i]
+            cols[i] = a
+        Xb[k] = 0.0
+        Xb[k, np.arange(n1), cols] = 1.0
+    return backend.from_numpy(Xb if batched else Xb[0], like=X)
+
+
 def hard_projection(problem: Problem, S: Array) -> Array:
     """Hungarian on each valid block of scores `S` (b, n1max, n2max); 0/1 array like `S`."""
     X = _hungarian_np(backend.to_numpy(S).astype(np.float64), problem.n1, problem.n2)

@@ -1,0 +1,113 @@
+"""The default pipeline ("auto"): IPFP starts + robust tabu rounds."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from qapfuse import Problem, auto, solve
+from qapfuse.solvers import local as lsearch
+
+QAPLIB = Path(__file__).resolve().parents[2] / "shared" / "qaplib"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    lsearch.warm_up()
+
+
+def _kb(n, seed, n2=None):
+    rng = np.random.default_rng(seed)
+    n2 = n if n2 is None else n2
+    A = rng.integers(-2, 9, (n, n)).astype(float)
+    B = rng.integers(0, 9, (n2, n2)).astype(float)
+    C = rng.integers(0, 9, (n, n2)).astype(float)
+    return A, B, C
+
+
+def _brute(A, B, C):
+    n1, n2 = A.shape[0], B.shape[0]
+    return min(
+        (A * B[np.ix_(c, c)]).sum() + C[np.arange(n1), list(c)].sum()
+        for c in itertools.permutations(range(n2), n1)
+    )
+
+
+def test_auto_finds_brute_force_optimum_and_reports_rounds():
+    for seed in range(3):
+        A, B, C = _kb(7, seed)
+        p = Problem.koopmans_beckmann(A, B, C, sense="min")
+        res = solve(p, "auto", time_limit=0.2, rng=seed)
+        assert res.objective == pytest.approx(_brute(A, B, C))
+        assert res.info["form"] == "kb" and res.info["rounds"] == 2
+        assert res.info["starts"][0] == "ipfp"
+
+
+def test_auto_partial_and_batched():
+    A = np.zeros((2, 5, 5))
+    B = np.zeros((2, 6, 6))
+    C = np.zeros((2, 5, 6))
+    exact = []
+    for k, (n1, n2) in enumerate([(5, 6), (3, 4)]):
+        a, b, c = _kb(n1, 10 + k, n2)
+        A[k, :n1, :n1], B[k, :n2, :n2], C[k, :n1, :n2] = a, b, c
+        exact.append(_brute(a, b, c))
+    p = Problem.koopmans_beckmann(A, B, C, n1=[5, 3], n2=[6, 4], sense="min")
+    res = auto(p, time_limit=0.3, rng=0)
+    assert res.X.shape == (2, 5, 6)
+    assert res.X[1, 3:].sum() == 0 and res.X[1, :, 4:].sum() == 0
+    np.testing.assert_array_equal(res.X.sum(axis=(1, 2)), [5, 3])
+    np.testing.assert_allclose(res.objective, exact)
+
+
+def test_auto_respects_time_limit_and_x0():
+    rng = np.random.default_rng(0)
+    n = 120
+    p = Problem.koopmans_beckmann(rng.random((n, n)), rng.random((n, n)), sense="min")
+    t0 = time.perf_counter()
+    res = auto(p, time_limit=0.3, x0=np.eye(n), rng=0)
+    assert time.perf_counter() - t0 < 1.5
+    assert res.info["starts"][0] == "x0"
+    with pytest.raises(ValueError, match=r"'x0' parameter of auto must have shape"):
+        auto(p, x0=np.eye(3))
+    with pytest.raises(ValueError, match="'time_limit' parameter of auto"):
+        auto(p, time_limit=0.0)
+
+
+def test_auto_torch_in_torch_out():
+    torch = pytest.importorskip("torch")
+    A, B, C = _kb(6, 3)
+    p = Problem.koopmans_beckmann(
+        torch.tensor(A), torch.tensor(B), torch.tensor(C, dtype=torch.float64), sense="min"
+    )
+    res = auto(p, time_limit=0.2, rng=0)
+    assert isinstance(res.X, torch.Tensor) and res.X.dtype == torch.float64
+    assert res.objective == pytest.approx(_brute(A, B, C))
+
+
+@pytest.mark.filterwarnings("ignore::qapfuse.ConvergenceWarning")
+def test_auto_falls_back_to_ga_when_local_search_cannot_run(monkeypatch):
+    K = sp.random(36, 36, density=0.2, random_state=0, format="csr")
+    p = Problem.from_sparse(K + K.T)
+    assert auto(p, time_limit=0.2, rng=0).info["form"] == "dense"
+    monkeypatch.setattr(lsearch, "DENSE_MAX_BYTES", 100)
+    res = auto(p, time_limit=0.2, rng=0)
+    assert res.info["form"] == "ga"
+    assert res.X.shape == (6, 6) and np.asarray(res.X).sum() == 6
+
+
+@pytest.mark.skipif(not QAPLIB.is_dir(), reason="shared QAPLIB folder not present")
+@pytest.mark.parametrize("name", ["nug12", "had12"])
+def test_auto_reaches_qaplib_optimum(name):
+    tok = np.array(open(QAPLIB / f"{name}.dat").read().split(), dtype=np.int64)
+    n = int(tok[0])
+    A = tok[1 : 1 + n * n].reshape(n, n)
+    B = tok[1 + n * n : 1 + 2 * n * n].reshape(n, n)
+    best = int(open(QAPLIB / f"{name}.sln").read().split()[1])
+    res = solve(Problem.koopmans_beckmann(A, B, sense="min"), "auto", time_limit=0.5, rng=0)
+    assert res.objective == best

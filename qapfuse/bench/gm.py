@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qapfuse bench gm",
         description="Graph matching benchmark: pygmtools vs qapfuse on the same graph pairs.",
     )
-    p.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 50, 100], help="node counts")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="node counts (10 30 50 100)")
     p.add_argument(
         "--solvers", nargs="+", default=list(ALL_SOLVERS), choices=ALL_SOLVERS, metavar="SOLVER"
     )
@@ -445,8 +445,10 @@ def write_report(
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.sizes is None:
+        args.sizes = [6, 9] if args.quick else [10, 30, 50, 100]
     if args.quick:
-        args.sizes, args.repeats = [6, 9], 1
+        args.repeats = 1
     try:
         import pygmtools  # noqa: F401
     except ImportError:

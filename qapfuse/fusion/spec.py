@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -492,6 +492,10 @@ _POOL_MODULES = (
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
 )  # fmt: skip
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SHAPE_PRESERVING_MODULES = (
+    *_ELEMENTWISE_MODULES, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
+    nn.GroupNorm,
+)  # fmt: skip
 _CHANNEL_NORM_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
     nn.InstanceNorm3d, nn.SyncBatchNorm,
@@ -593,6 +597,32 @@ def _op_name(n: torch.fx.Node, module: torch.nn.Module | None = None) -> str:
     return f"call_function {target!r}"
 
 
+def _ntuple(value: Any, k: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * k
+
+
+def _conv_out_shape(
+    x: Any, w_shape: Sequence[int], stride: Any, padding: Any, dilation: Any, groups: int
+) -> tuple[int, ...] | None:
+    """Output shape of a batched zero-padded convolution, or None where unsure (run it)."""
+    k = len(w_shape) - 2
+    if not isinstance(x, torch.Tensor) or x.ndim != k + 2 or x.shape[1] != w_shape[1] * groups:
+        return None  # unbatched input or a mismatch: let torch run it (and raise)
+    if padding == "same":  # torch allows it with stride 1 only
+        return None if any(s != 1 for s in stride) else (x.shape[0], w_shape[0], *x.shape[2:])
+    if padding == "valid":
+        padding = (0,) * k
+    if isinstance(padding, str) or len(padding) != k or len(stride) != k or len(dilation) != k:
+        return None
+    out = []
+    for size, kk, s, p, d in zip(x.shape[2:], w_shape[2:], stride, padding, dilation):
+        n = (size + 2 * p - d * (kk - 1) - 1) // s + 1
+        if n < 1:
+            return None
+        out.append(n)
+    return (x.shape[0], w_shape[0], *out)
+
+
 class _Analyser(torch.fx.Interpreter):
     """Run the traced graph on the example input and give every value a channel layout."""
 
@@ -614,6 +644,7 @@ class _Analyser(torch.fx.Interpreter):
             self._output(n)
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self._node = n
         try:
             result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as e:
@@ -624,6 +655,51 @@ class _Analyser(torch.fx.Interpreter):
             ) from e
         self.lay[n] = self._analyse(n, args, kwargs, result)
         return result
+
+    # Convolutions dominate a forward pass but only their output shape matters here: compute
+    # it from the usual formula and hand on an uninitialised tensor (values never matter here:
+    # the graph has no data-dependent branches). Everything else runs for real (cheap).
+
+    # Shape-preserving modules (norms, activations, dropout) hand on their input unchanged.
+
+    def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        value = super().placeholder(target, args, kwargs)
+        return value.clone() if isinstance(value, torch.Tensor) else value  # never alias the input
+
+    def _activation_input(self, args: tuple, kwargs: dict) -> bool:
+        first = self._node.args[0] if self._node.args else None
+        return (
+            len(args) == 1
+            and not kwargs
+            and isinstance(args[0], torch.Tensor)
+            and isinstance(first, torch.fx.Node)
+            and first.op != "get_attr"
+        )
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        if isinstance(module, _SHAPE_PRESERVING_MODULES) and self._activation_input(args, kwargs):
+            return args[0]
+        if type(module) in _CONV_MODULES and not kwargs and len(args) == 1:
+            shape = _conv_out_shape(
+                args[0], module.weight.shape, module.stride, module.padding, module.dilation,
+                module.groups,
+            )  # fmt: skip
+            if shape is not None:
+                return args[0].new_empty(shape)
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target in _CONV_FUNCS and not kwargs and len(args) >= 2:
+            k = _CONV_FUNCS[target]
+            stride, padding, dilation, groups = tuple(args[3:7]) + (1, 0, 1, 1)[len(args[3:7]) :]
+            shape = _conv_out_shape(
+                args[0], args[1].shape, _ntuple(stride, k), padding if isinstance(padding, str)
+                else _ntuple(padding, k), _ntuple(dilation, k), groups,
+            )  # fmt: skip
+            if shape is not None:
+                return args[0].new_empty(shape)
+        return super().call_function(target, args, kwargs)
 
     def _L(self, arg: Any) -> Any:
         return self.lay.get(arg) if isinstance(arg, torch.fx.Node) else None

@@ -251,3 +251,31 @@ def test_torchvision_models_trace_when_available():
         model = build(weights=None, num_classes=7)
         assert trace(model, x).free_groups
         assert preserved(model, x) < 1e-4
+
+
+def test_conv_output_shape_formula_matches_torch():
+    from qapfuse.fusion.spec import _conv_out_shape
+
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
+    for _ in range(60):
+        k = draw(1, 4)
+        conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[k - 1]
+        groups = draw(1, 3)
+        padding = ("same", "valid", draw(0, 3))[draw(0, 3)]
+        stride = 1 if padding == "same" else draw(1, 4)
+        conv = conv_cls(2 * groups, 3 * groups, draw(1, 4), stride=stride, padding=padding,
+                        dilation=draw(1, 3), groups=groups)  # fmt: skip
+        x = torch.zeros(2, 2 * groups, *[draw(7, 12) for _ in range(k)])
+        shape = _conv_out_shape(
+            x, conv.weight.shape, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        try:
+            expected = tuple(conv(x).shape)
+        except RuntimeError:
+            assert shape is None
+            continue
+        assert shape == expected

@@ -492,10 +492,7 @@ _POOL_MODULES = (
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
 )  # fmt: skip
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_SHAPE_PRESERVING_MODULES = (
-    *_ELEMENTWISE_MODULES, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
-    nn.GroupNorm,
-)  # fmt: skip
+_BATCH_NORM_NDIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 _CHANNEL_NORM_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
     nn.InstanceNorm3d, nn.SyncBatchNorm,
@@ -666,19 +663,33 @@ class _Analyser(torch.fx.Interpreter):
         value = super().placeholder(target, args, kwargs)
         return value.clone() if isinstance(value, torch.Tensor) else value  # never alias the input
 
-    def _activation_input(self, args: tuple, kwargs: dict) -> bool:
+    def _can_skip(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+        """A shape-preserving module on an activation, with the input shape it expects."""
         first = self._node.args[0] if self._node.args else None
-        return (
+        if not (
             len(args) == 1
             and not kwargs
             and isinstance(args[0], torch.Tensor)
             and isinstance(first, torch.fx.Node)
             and first.op != "get_attr"
-        )
+        ):
+            return False
+        x = args[0]
+        if isinstance(module, _ELEMENTWISE_MODULES):
+            return True
+        if type(module) in _BATCH_NORM_NDIMS:
+            ndims = _BATCH_NORM_NDIMS[type(module)]
+            return x.ndim in ndims and x.shape[1] == module.num_features
+        if isinstance(module, nn.GroupNorm):
+            return x.ndim >= 2 and x.shape[1] == module.num_channels
+        if isinstance(module, nn.LayerNorm):
+            m = len(module.normalized_shape)
+            return x.ndim >= m and tuple(x.shape[x.ndim - m :]) == tuple(module.normalized_shape)
+        return False
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         module = self.fetch_attr(target)
-        if isinstance(module, _SHAPE_PRESERVING_MODULES) and self._activation_input(args, kwargs):
+        if self._can_skip(module, args, kwargs):
             return args[0]
         if type(module) in _CONV_MODULES and not kwargs and len(args) == 1:
             shape = _conv_out_shape(

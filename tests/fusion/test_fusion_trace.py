@@ -175,6 +175,12 @@ def test_shape_dependent_control_flow_uses_the_concrete_fallback():
 def test_model_and_input_that_do_not_run_together():
     with pytest.raises(TracingError, match=r"do not run together: fx node 'layers_0'.*Linear"):
         trace(MLP(8, (4,), 2), torch.zeros(2, 7))
+    bad_norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5))
+    with pytest.raises(TracingError, match=r"fx node '_1'.*BatchNorm2d.*running_mean"):
+        trace(bad_norm, XI)
+    bad_ln = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 9, 9]))
+    with pytest.raises(TracingError, match=r"fx node '_1'.*LayerNorm"):
+        trace(bad_ln, XI)
     with pytest.raises(TypeError, match="'example_input' parameter of trace"):
         trace(MLP(8, (4,), 2), [1, 2])
     with pytest.raises(TypeError, match="'model' parameter of trace"):
@@ -253,6 +259,7 @@ def test_torchvision_models_trace_when_available():
         assert preserved(model, x) < 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_conv_output_shape_formula_matches_torch():
     from qapfuse.fusion.spec import _conv_out_shape
 

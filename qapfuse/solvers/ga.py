@@ -36,7 +36,7 @@ def ga(
     step: float = 0.5,
     max_inner: int = 30,
     sk_iter: int = 100,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     x0: Any = None,
     rng: Any = None,
 ) -> MatchResult:
@@ -65,7 +65,8 @@ def ga(
     sk_iter : int >= 1
         Sinkhorn iterations per fixed-point step (stops early at 1e-6 marginal error).
     tol : float > 0
-        Largest entry change that ends a temperature stage.
+        Largest entry change that ends a temperature stage (the final Hungarian rounding
+        makes finer tolerances rarely worth their iterations).
     x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
         Soft start, same library and device as `problem`. Default: uniform ``1 / n2``.
     rng : None, int or Generator, optional

@@ -42,9 +42,10 @@ def test_auto_finds_brute_force_optimum_and_reports_rounds():
     for seed in range(3):
         A, B, C = _kb(7, seed)
         p = Problem.koopmans_beckmann(A, B, C, sense="min")
-        res = solve(p, "auto", time_limit=0.2, rng=seed)
+        res = solve(p, "auto", time_limit=0.6, rng=seed)
         assert res.objective == pytest.approx(_brute(A, B, C))
         assert res.info["form"] == "kb" and res.info["rounds"] == 2
+        assert res.info["starts"] == ["ipfp", "ipfp-random"]
         assert res.info["starts"][0] == "ipfp"
 
 

@@ -33,17 +33,19 @@ DEFAULT_TIME_LIMIT = 2.0
 
 # IPFP gets at most this share of a round, estimated from n^3 per step before it runs.
 _IPFP_SHARE = 0.15
-_IPFP_SECONDS_PER_N3 = 5e-10
+_IPFP_SECONDS_PER_N3 = 5e-9  # conservative (measured 1-3e-9 s * n^3 + ~1 ms per step)
 
 
 def _rounds(time_limit: float) -> int:
-    """Tabu rounds (restarts) for a budget: 2 up to 2 s, then about one per second, at most 8."""
+    """Tabu rounds for a budget: 1 under 0.5 s, 2 up to 2 s, then ~one per second, at most 8."""
+    if time_limit < 0.5:
+        return 1
     return max(2, min(8, round(time_limit)))
 
 
 def _ipfp_steps(n: int, batch: int, seconds: float) -> int:
     """IPFP steps that fit in `seconds` (0: skip IPFP, start at random)."""
-    per_step = batch * (_IPFP_SECONDS_PER_N3 * float(n) ** 3 + 1e-4)
+    per_step = batch * (_IPFP_SECONDS_PER_N3 * float(n) ** 3 + 1e-3)
     return int(min(50, math.floor(seconds / per_step)))
 
 
@@ -56,9 +58,10 @@ def auto(
 ) -> MatchResult:
     r"""The default QAP pipeline: continuous starts refined by robust tabu search, with restarts.
 
-    The budget is split into ``R`` rounds (``R = 2`` up to 2 s, then about one per second, at
-    most 8). Each round takes a start, runs :func:`~qapfuse.solvers.local.tabu` from it until
-    the round's deadline, and the best matching over all rounds is kept (per instance):
+    The budget is split into ``R`` rounds (``R = 1`` under 0.5 s, 2 up to 2 s, then about one
+    per second, at most 8). Each round takes a start, runs robust tabu search
+    (:func:`~qapfuse.solvers.local.tabu`) from it until the round's deadline, and the best
+    matching over all rounds is kept (per instance):
 
     * round 1 starts from `x0` if given, else from IPFP [2]_ (Frank--Wolfe with Hungarian
       steps) from the uniform matrix;
@@ -66,10 +69,10 @@ def auto(
       with the uniform matrix), which gives diverse, reasonable starts.
 
     IPFP is skipped (random permutation instead) when its estimated cost exceeds 15% of a
-    round, e.g. very large ``n`` under a short `time_limit`. On QAPLIB, IPFP starts helped
-    tabu search on the structured ``tai*b`` instances and did not hurt elsewhere, while GA
-    starts cost several seconds at ``n >= 25`` for no better tabu results, so GA is not used
-    when tabu search applies.
+    round (about ``1 ms + 5e-9 n^3`` s per step), e.g. ``n > 100`` at ``time_limit=0.13``.
+    On QAPLIB, IPFP starts helped tabu search on the structured ``tai*b`` instances and did
+    not hurt elsewhere, while GA starts cost seconds at ``n >= 25`` for no better tabu
+    results, so GA is not used when tabu search applies.
 
     Problems that local search cannot take (neither Koopmans--Beckmann nor small enough for a
     dense ``K``; see :func:`~qapfuse.solvers.local.tabu`) get graduated assignment
@@ -113,8 +116,8 @@ def auto(
     >>> rng = np.random.default_rng(0)
     >>> A, B = rng.integers(0, 9, (12, 12)), rng.integers(0, 9, (12, 12))
     >>> res = solve(Problem.koopmans_beckmann(A, B, sense="min"), "auto", time_limit=0.2)
-    >>> res.X.shape, res.info["rounds"]
-    ((12, 12), 2)
+    >>> res.X.shape, res.info["rounds"], res.info["starts"]
+    ((12, 12), 1, ['ipfp'])
     """
     start = time.perf_counter()
     caller = "auto"

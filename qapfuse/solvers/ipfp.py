@@ -37,7 +37,10 @@ def ipfp(
         Steps.
     tol : float > 0
         Stop when the relative score difference between the continuous iterate and the
-        discrete solution falls below `tol` in every instance.
+        discrete solution falls below `tol` in every instance and the discrete solution is
+        the one of the previous step, or the iterate itself (the relative difference alone
+        is not invariant to a constant added to ``K``, which would stop the iteration after
+        one step).
     x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
         Start. Default: uniform.
     rng : optional
@@ -67,9 +70,11 @@ def ipfp(
         b = hard_projection(problem, Kv)
         # The same discrete point as last step: its product with K is already known.
         if prev_b is not None and bool(xp.all(b == prev_b)):
-            Kb = prev_Kb
+            settled, Kb = True, prev_Kb
+        elif bool(xp.all(b == v)):  # the iterate is already this discrete point
+            settled, Kb = True, Kv
         else:
-            Kb = problem.matvec(b)
+            settled, Kb = False, problem.matvec(b)
         prev_b, prev_Kb = b, Kb
         d, Kd = b - v, Kb - Kv
         a = xp.sum(v * Kd, axis=(1, 2), keepdims=True)
@@ -89,7 +94,7 @@ def ipfp(
         denom = xp.where(score_v != 0, xp.abs(score_v), xp.ones_like(score_v))
         gap = float(xp.max(xp.abs(score_v - score_b) / denom))
         v, Kv = v + t * d, Kv + t * Kd
-        if gap < tol:
+        if gap < tol and settled:
             break
     converged = gap < tol
     if not converged:

@@ -56,7 +56,9 @@ def rrwm(
     beta : float > 0
         Inflation of the walk state before the Sinkhorn projection.
     tol : float > 0
-        Stop when the state moves less than `tol` (Frobenius norm of the change).
+        Stop when the state moves less than `tol` (Frobenius norm of the change) in two
+        consecutive steps that give the same discrete (Hungarian) answer: small steps alone
+        can hide a slow drift to another matching.
     x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
         Start. Default: uniform.
     rng : optional
@@ -97,6 +99,7 @@ def rrwm(
     square = square_mask(problem)
     v = initial_soft(problem, x0, caller)
     change, it = float("inf"), 0
+    prev_hard = None
     for it in range(1, max_iter + 1):
         w = aff.matvec(v) / scale
         w = w / _l1(w, xp=xp)
@@ -108,7 +111,13 @@ def rrwm(
         change = float(xp.max(xp.sqrt(xp.sum((w - v) ** 2, axis=(1, 2)))))
         v = w
         if change < tol:
-            break
+            # settled: a second small step that leaves the discrete answer unchanged
+            hard = hard_projection(problem, v)
+            if prev_hard is not None and bool(xp.all(hard == prev_hard)):
+                break
+            prev_hard = hard
+        else:
+            prev_hard = None
     converged = change < tol
     if not converged:
         warn_not_converged(

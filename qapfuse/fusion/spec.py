@@ -415,10 +415,6 @@ def check_same_shapes(*state_dicts: Mapping[str, Any]) -> None:
             raise SpecError(f"state_dicts[{i}] has the key {extra[0]!r} that state_dicts[0] lacks.")
 
 
-def _prod(xs: Iterable[int]) -> int:
-    return math.prod(xs)
-
-
 # =============================================================================================
 # Tracing: torch.fx graph -> groups
 # =============================================================================================
@@ -633,6 +629,9 @@ class _Analyser(torch.fx.Interpreter):
         self.pending: list[tuple[str, str, str, list[int]]] = []
         self.outputs: list[int] = []
         self.n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        # Storage of every parameter and buffer: a skipped module must never hand one on (a
+        # later in-place op would then write into the model).
+        self.storages = {t.untyped_storage().data_ptr() for t in gm.state_dict().values()}
 
     # -- running -----------------------------------------------------------------------------
 
@@ -653,11 +652,10 @@ class _Analyser(torch.fx.Interpreter):
         self.lay[n] = self._analyse(n, args, kwargs, result)
         return result
 
-    # Convolutions dominate a forward pass but only their output shape matters here: compute
-    # it from the usual formula and hand on an uninitialised tensor (values never matter here:
-    # the graph has no data-dependent branches). Everything else runs for real (cheap).
-
-    # Shape-preserving modules (norms, activations, dropout) hand on their input unchanged.
+    # Only shapes matter here (the graph has no data-dependent branches), so the expensive
+    # parts of a forward pass are skipped: a convolution's output shape comes from the usual
+    # formula (an uninitialised tensor is handed on), and shape-preserving modules (norms,
+    # activations, dropout) hand on their input. Everything else runs for real (cheap).
 
     def placeholder(self, target: Any, args: tuple, kwargs: dict) -> Any:
         value = super().placeholder(target, args, kwargs)
@@ -672,6 +670,7 @@ class _Analyser(torch.fx.Interpreter):
             and isinstance(args[0], torch.Tensor)
             and isinstance(first, torch.fx.Node)
             and first.op != "get_attr"
+            and args[0].untyped_storage().data_ptr() not in self.storages
         ):
             return False
         x = args[0]

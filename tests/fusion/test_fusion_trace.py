@@ -286,3 +286,28 @@ def test_conv_output_shape_formula_matches_torch():
             assert shape is None
             continue
         assert shape == expected
+
+
+def test_trace_never_writes_into_parameters_or_the_input():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.Identity()
+            self.bn = nn.BatchNorm1d(8)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.act(x)  # the input itself
+            h += 1  # in place: a real forward writes into the caller's tensor here
+            h = self.bn(torch.relu_(h))
+            h += self.bn.bias  # in place on what the (skipped) norm returned
+            return self.fc(h)
+
+    model = InPlace().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 8)
+    x0 = x.clone()
+    spec = trace(model, x)
+    assert spec.axes["bn.bias"] == ((Segment("input"),),)  # both uses agree
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(x, x0)

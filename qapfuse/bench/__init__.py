@@ -33,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     suite, rest = argv[0], argv[1:]
-    if not logging.getLogger().handlers and not log.handlers:
+    if not log.hasHandlers():  # run outside the CLI: show progress
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if suite == "gm":
         from .gm import run

@@ -297,16 +297,17 @@ def test_trace_never_writes_into_parameters_or_the_input():
             self.fc = nn.Linear(8, 2)
 
         def forward(self, x):
-            h = self.act(x)  # the input itself
-            h += 1  # in place: a real forward writes into the caller's tensor here
-            h = self.bn(torch.relu_(h))
-            h += self.bn.bias  # in place on what the (skipped) norm returned
+            h = self.act(x).add_(1)  # a real forward writes into the caller's tensor here
+            h = self.bn(torch.relu_(h)).add_(self.bn.bias)  # in place on the norm's output
             return self.fc(h)
 
     model = InPlace().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(3, 8)
     x0 = x.clone()
+    x1 = x.clone()
+    model(x1)
+    assert not torch.equal(x1, x0)  # the model itself does write into its input
     spec = trace(model, x)
     assert spec.axes["bn.bias"] == ((Segment("input"),),)  # both uses agree
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -146,6 +146,9 @@ class PermutationSpec:
 
     A conv whose 16 channels, of 5x5 maps each, are flattened into a Linear uses
     ``Segment("conv2", 25)`` on that Linear's axis 1.
+
+    Two specs are equal when `axes`, `fixed` and `sizes` agree: call :meth:`resolve` on a
+    hand-written spec without sizes before comparing it with a traced one.
     """
 
     axes: Mapping[str, tuple[AxisEntry, ...]]
@@ -866,6 +869,11 @@ class _Analyser(torch.fx.Interpreter):
             )
         if fn is torch.transpose:
             return self._transpose(n, op, x, lay, result, *args[1:3])
+        if fn is _f("pad") and isinstance(lay, _Layout):
+            pad = args[1] if len(args) > 1 else kwargs["pad"]
+            if lay.dim < x.ndim - len(pad) // 2:  # only axes after the channels are padded
+                return lay
+            return self._unknown(n, op, result, "padding along the channel axis")
         if fn is operator.getitem and isinstance(x, torch.Tensor):
             return self._getitem(n, op, x, lay, result, args[1])
         if fn is operator.getitem:
@@ -909,6 +917,8 @@ class _Analyser(torch.fx.Interpreter):
             return self._transpose(n, op, x, lay, result, *args[1:3])
         if name == "t" and x.ndim == 2:
             return self._transpose(n, op, x, lay, result, 0, 1)
+        if name in ("expand", "expand_as"):
+            return self._expand(n, op, x, lay, result)
         return self._unknown(n, op, result, "qapfuse has no permutation rule for this method")
 
     def _param_key(self, n: torch.fx.Node, op: str, arg: Any) -> str | None:
@@ -1106,6 +1116,14 @@ class _Analyser(torch.fx.Interpreter):
             return self._unknown(n, op, result, "a transpose of a parameter")
         a, b = int(a) % x.ndim, int(b) % x.ndim
         dim = b if lay.dim == a else a if lay.dim == b else lay.dim
+        return _Layout(dim, lay.segs)
+
+    def _expand(self, n, op, x, lay, result) -> Any:
+        if not isinstance(lay, _Layout):
+            return self._unknown(n, op, result, "expanding a parameter")
+        dim = lay.dim + result.ndim - x.ndim
+        if result.shape[dim] != x.shape[lay.dim]:
+            return self._unknown(n, op, result, "expanding the channel axis")
         return _Layout(dim, lay.segs)
 
     def _cat(self, n, op, args, kwargs, result) -> Any:

@@ -312,3 +312,35 @@ def test_trace_never_writes_into_parameters_or_the_input():
     assert spec.axes["bn.bias"] == ((Segment("input"),),)  # both uses agree
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(x, x0)
+
+
+def test_squeeze_excitation_and_spatial_padding():
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.squeeze, self.excite = nn.Linear(8, 2), nn.Linear(2, 8)
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            x = F.pad(self.conv(x), (1, 1, 2, 0))
+            s = x.mean((2, 3))
+            s = torch.sigmoid(self.excite(F.relu(self.squeeze(s))))
+            x = x * s.view(s.size(0), -1, 1, 1).expand_as(x)  # merges excite with conv
+            return self.out(x)
+
+    spec = trace(SE(), XI)
+    assert spec.axes["excite.weight"] == ((Segment("conv"),), (Segment("squeeze"),))
+    assert spec.free_groups == ("conv", "squeeze")
+    assert preserved(SE(), XI) < 1e-5
+
+    class PadChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(3, 8, 3), nn.Conv2d(10, 2, 1)
+
+        def forward(self, x):
+            return self.out(F.pad(self.conv(x), (0, 0, 0, 0, 1, 1)))
+
+    with pytest.raises(UnsupportedOpError, match="padding along the channel axis"):
+        trace(PadChannels(), XI)

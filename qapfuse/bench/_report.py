@@ -147,3 +147,22 @@ def header_block(title: str, command: str, info: dict[str, str], notes: Sequence
     parts.append("")
     parts += list(notes)
     return "\n".join(parts)
+
+
+def save_plot(path: Path, draw: Callable[[Any], None]) -> Path | None:
+    """Draw a figure with ``draw(plt)`` and save it as PNG; skip (with a log note) without
+    matplotlib (``pip install 'qapfuse[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: %s not drawn (pip install 'qapfuse[bench]')", path)
+        return None
+    plt.close("all")
+    draw(plt)
+    plt.tight_layout()
+    plt.savefig(path, dpi=110)
+    plt.close("all")
+    return path

@@ -35,6 +35,7 @@ from ._report import (
     machine_info,
     markdown_table,
     median,
+    save_plot,
     timed,
     write_csv,
 )
@@ -433,9 +434,44 @@ def write_report(
                 )
         md.append(markdown_table(headers, table))
         md.append("")
+    png = save_plot(out / f"{args.name}.png", lambda plt: _plot(plt, rows, args))
+    if png is not None:
+        md.append(f"![speedups]({png.name})\n")
     md.append(f"Raw numbers: [`{csv_path.name}`]({csv_path.name}).\n")
     md_path.write_text("\n".join(md), encoding="utf-8")
     return csv_path, md_path
+
+
+def _plot(plt: Any, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Speedup vs n: same dense K (solve) and whole match through the KB operator."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = (
+        ("speedup_dense_solve", "same dense K: solve"),
+        ("speedup_kb_total", "whole match: KB"),
+    )
+    for ax, (key, title) in zip(axes, panels):
+        for case, style in (("isomorphic", "-"), ("noisy", "--"), ("random scores", ":")):
+            for solver in ALL_SOLVERS:
+                pts = [
+                    (r["n"], r[key])
+                    for r in rows
+                    if r["case"] == case and r["solver"] == solver and _finite(r.get(key))
+                ]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, style, marker="o", label=f"{solver} ({case})")
+        ax.axhline(3 if key == "speedup_dense_solve" else 100, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("n (nodes)")
+        ax.set_title(title)
+    axes[0].set_ylabel("pygmtools time / qapfuse time")
+    axes[1].legend(fontsize=6, loc="best")
+    fig.suptitle("qapfuse vs pygmtools (grey: target)")
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, float) and math.isfinite(x) and x > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from ._report import (
     machine_info,
     markdown_table,
     median,
+    save_plot,
     write_csv,
 )
 
@@ -416,6 +417,9 @@ def write_report(
         table.append(cells)
     md.append(markdown_table(["instance", "n", "best known", *methods], table))
     md.append("")
+    png = save_plot(out / f"{args.name}.png", lambda plt: _plot(plt, rows, methods))
+    if png is not None:
+        md.append(f"![gaps]({png.name})\n")
     md.append(
         f"Raw numbers (objective, gap, time per instance and method): "
         f"[`{csv_path.name}`]({csv_path.name}).\n"
@@ -507,3 +511,19 @@ def run(argv: list[str]) -> int:
     csv_path, md_path = write_report(rows, args, command, info, shown)
     log.info("qaplib: wrote %s and %s", csv_path, md_path)
     return 0
+
+
+def _plot(plt: Any, rows: list[dict[str, Any]], methods: list[str]) -> None:
+    """Mean and median gap per method (all instances each method ran on), log scale."""
+    summ = summarise(rows, methods)
+    _fig, ax = plt.subplots(figsize=(8, 0.35 * len(summ) + 1.5))
+    names = [s[0] for s in summ]
+    ys = np.arange(len(summ))
+    ax.barh(ys - 0.2, [max(s[2], 1e-3) for s in summ], height=0.4, label="mean gap %")
+    ax.barh(ys + 0.2, [max(s[3], 1e-3) for s in summ], height=0.4, label="median gap %")
+    ax.set_yticks(ys, [f"{nm} ({s[1]})" for nm, s in zip(names, summ)], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("gap to best known, % (log scale; 0 drawn at 1e-3)")
+    ax.legend(fontsize=7)
+    ax.set_title("QAPLIB: gap per method (instances in brackets)")

@@ -34,7 +34,7 @@ from .. import backend
 from .._validation import Option, check_finite, check_options, check_scalar, warn_not_converged
 from ..backend import Array
 from ..problem import Problem
-from ._common import check_problem, finish, initial_soft, normalise
+from ._common import check_problem, finish, initial_soft
 from .result import MatchResult
 
 __all__ = ["OPTIONS", "match_with_outliers", "partial_hungarian", "sinkhorn_slack"]
@@ -200,10 +200,27 @@ def partial_hungarian(W: np.ndarray) -> np.ndarray:
     return X
 
 
+def _normalise_rows(G: Array, n1: np.ndarray, *, xp: Any) -> Array:
+    """Scale each instance of `G` (b, r, c) so that its median row maximum is 1.
+
+    The typical node's best score is then 1 whatever the problem size, so `slack` is a
+    fraction of it (a global maximum would be set by one extreme row). The row maxima
+    (``b x r`` numbers) are read on the host.
+    """
+    top = backend.to_numpy(xp.max(G, axis=2)).astype(np.float64)
+    scale = np.ones((G.shape[0], 1, 1))
+    for k in range(G.shape[0]):
+        m = float(np.median(top[k, : int(n1[k])])) if n1[k] else 0.0
+        if not m > 0:
+            m = float(np.max(np.abs(top[k]))) if top[k].size else 0.0
+        scale[k] = m if m > 0 else 1.0
+    return G / xp.astype(backend.asarray_on(scale, xp=xp, device=backend.device(G)), G.dtype)
+
+
 def match_with_outliers(
     problem: Problem,
     *,
-    slack: float = 0.3,
+    slack: float = 0.2,
     tau0: float = 0.5,
     tau_min: float = 0.01,
     decay: float = 0.6,
@@ -216,8 +233,10 @@ def match_with_outliers(
     r"""Graduated assignment with slack: a partial matching where outliers stay unmatched.
 
     Like :func:`~qapfuse.ga` (the soft matching becomes ``sinkhorn(G / tau)`` with ``G`` the
-    score gradient scaled to ``max |G| = 1``, annealing ``tau``), but over the polytope with
-    a slack row and column (:func:`sinkhorn_slack`): leaving a node unmatched scores `slack`.
+    score gradient, annealing ``tau``), but over the polytope with a slack row and column
+    (:func:`sinkhorn_slack`), so a pair must score more than `slack` to be matched. ``G`` is
+    scaled so that the median over nodes of their best score is 1: `slack` and the
+    temperatures are fractions of a typical node's best score at any problem size.
     The last soft matching ``P`` is rounded by a partial Hungarian step that keeps pair
     ``(i, a)`` only if ``P[i, a]`` beats the slack masses of ``i`` and ``a``
     (``P[i, a] > P[i, slack] + P[slack, a]`` in the assignment's total).
@@ -227,9 +246,8 @@ def match_with_outliers(
     problem : Problem
         Affinity for graphs with ``n1 <= n2`` nodes (batched: ``b`` pairs).
     slack : float
-        Threshold a pair's gradient must beat, relative to the largest gradient entry (0 to 1
-        is sensible: higher leaves more nodes unmatched; 0.2 to 0.3 suits the generators of
-        :mod:`qapfuse.graphs`).
+        Threshold a pair's gradient must beat, relative to a typical node's best score (0 to
+        1 is sensible: higher leaves more nodes unmatched).
     tau0, tau_min : float > 0
         First and last temperature.
     decay : float in (0, 1)
@@ -289,7 +307,7 @@ def match_with_outliers(
     for stage in range(stages):
         tau = tau0 * decay**stage
         for _ in range(max_inner):
-            G = normalise(problem.gradient(X), xp=xp)
+            G = _normalise_rows(problem.gradient(X), problem.n1, xp=xp)
             Sa, log_a, log_b = _augmented_log(G / tau, slack / tau, problem.n1, problem.n2, xp=xp)
             log_P, _, _ = _sinkhorn_slack_log(Sa, log_a, log_b, max_iter=sk_iter, tol=1e-4, xp=xp)
             X_new = xp.exp(log_P[:, :r, :c])

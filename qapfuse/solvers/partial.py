@@ -102,6 +102,66 @@ def _sinkhorn_slack_log(
     return S + f + g, it, err
 
 
+def _slack_plan(
+    S: Array, log_a: Array, log_b: Array, *, max_iter: int, tol: float, xp: Any
+) -> tuple[Array, float]:
+    """Transport plan ``P`` (not its log) of the augmented problem, and the marginal error.
+
+    numpy input takes the scaling form (``exp`` once, then matrix-vector products, BLAS) when
+    the scores span less than 700 (no underflow in float64); anything else, and torch, takes
+    the log domain.
+    """
+    if backend.is_numpy_array(S):
+        out = np.empty(S.shape, dtype=S.dtype)
+        err = 0.0
+        for k in range(S.shape[0]):
+            plan = _scaling_plan(S[k], log_a[k, :, 0], log_b[k, 0, :], max_iter, tol)
+            if plan is None:
+                lp, _, e = _sinkhorn_slack_log(
+                    S[k : k + 1],
+                    log_a[k : k + 1],
+                    log_b[k : k + 1],
+                    max_iter=max_iter,
+                    tol=tol,
+                    xp=xp,
+                )
+                plan = (np.exp(lp[0]), e)
+            out[k], err = plan[0], max(err, plan[1])
+        return out, err
+    log_P, _, err = _sinkhorn_slack_log(S, log_a, log_b, max_iter=max_iter, tol=tol, xp=xp)
+    return xp.exp(log_P), err
+
+
+def _scaling_plan(
+    L: np.ndarray, log_a: np.ndarray, log_b: np.ndarray, max_iter: int, tol: float
+) -> tuple[np.ndarray, float] | None:
+    """Sinkhorn-Knopp scaling ``P = diag(u) exp(L - max L) diag(v)``; None if it would underflow."""
+    valid = np.isfinite(L)
+    top = L[valid].max() if valid.any() else 0.0
+    low = L[valid].min() if valid.any() else 0.0
+    if top - low > 700.0:
+        return None
+    E = np.exp(np.where(valid, L - top, -np.inf), dtype=np.float64)
+    a = np.where(valid.any(axis=1), np.exp(log_a.astype(np.float64)), 0.0)
+    b = np.where(valid.any(axis=0), np.exp(log_b.astype(np.float64)), 0.0)
+    v = (b > 0).astype(np.float64)
+    u = np.zeros_like(a)
+    err = float("inf")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for it in range(1, max_iter + 1):
+            Ev = E @ v
+            u = np.where(Ev > 0, a / Ev, 0.0)
+            Eu = E.T @ u
+            v = np.where(Eu > 0, b / Eu, 0.0)
+            if it % 5 == 0 or it == max_iter:
+                err = float(np.max(np.abs(u * (E @ v) - a))) if a.size else 0.0
+                if err <= tol:
+                    break
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
+        return None
+    return (u[:, None] * E * v[None, :]).astype(L.dtype, copy=False), err
+
+
 def sinkhorn_slack(
     S: Array,
     n1: Any = None,
@@ -166,13 +226,12 @@ def sinkhorn_slack(
     S, batched, a1, a2 = _scores_and_sizes(S, n1, n2, caller, xp=xp)
     check_finite(S, "S", xp=xp)
     Sa, log_a, log_b = _augmented_log(S / tau, slack / tau, a1, a2, xp=xp)
-    log_P, _, err = _sinkhorn_slack_log(Sa, log_a, log_b, max_iter=max_iter, tol=tol, xp=xp)
+    P_all, err = _slack_plan(Sa, log_a, log_b, max_iter=max_iter, tol=tol, xp=xp)
     if err > tol:
         warn_not_converged(
             f"sinkhorn_slack stopped at max_iter={max_iter} with marginal error {err:.2e} > "
             f"tol={tol:g}; raise max_iter or tau."
         )
-    P_all = xp.exp(log_P)
     r, c = S.shape[1], S.shape[2]
     P, u1, u2 = P_all[:, :r, :c], P_all[:, :r, c], P_all[:, r, :c]
     if not batched:
@@ -289,9 +348,14 @@ def match_with_outliers(
     caller = "match_with_outliers"
     check_problem(problem, caller)
     opts = dict(
-        slack=slack, tau0=tau0, tau_min=tau_min, decay=decay, max_inner=max_inner,
-        sk_iter=sk_iter, tol=tol,
-    )  # fmt: skip
+        slack=slack,
+        tau0=tau0,
+        tau_min=tau_min,
+        decay=decay,
+        max_inner=max_inner,
+        sk_iter=sk_iter,
+        tol=tol,
+    )
     check_options(opts, OPTIONS, caller)
     if tau_min > tau0:
         raise ValueError(
@@ -303,14 +367,14 @@ def match_with_outliers(
     r, c = problem.n1max, problem.n2max
     stages = max(1, math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9) + 1)
     n_iter, change = 0, float("inf")
-    log_P = None
+    P_aug = None
     for stage in range(stages):
         tau = tau0 * decay**stage
         for _ in range(max_inner):
             G = _normalise_rows(problem.gradient(X), problem.n1, xp=xp)
             Sa, log_a, log_b = _augmented_log(G / tau, slack / tau, problem.n1, problem.n2, xp=xp)
-            log_P, _, _ = _sinkhorn_slack_log(Sa, log_a, log_b, max_iter=sk_iter, tol=1e-4, xp=xp)
-            X_new = xp.exp(log_P[:, :r, :c])
+            P_aug, _ = _slack_plan(Sa, log_a, log_b, max_iter=sk_iter, tol=1e-4, xp=xp)
+            X_new = P_aug[:, :r, :c]
             change = float(xp.max(xp.abs(X_new - X)))
             X = X_new
             n_iter += 1
@@ -322,7 +386,7 @@ def match_with_outliers(
             f"{caller} stopped at max_inner={max_inner} in its last stage with change "
             f"{change:.2e} > tol={tol:g}; raise max_inner or lower decay."
         )
-    P = backend.to_numpy(xp.exp(log_P)).astype(np.float64)
+    P = backend.to_numpy(P_aug).astype(np.float64)
     Xh = np.zeros((problem.batch, r, c))
     for k in range(problem.batch):
         m1, m2 = int(problem.n1[k]), int(problem.n2[k])

@@ -178,11 +178,15 @@ def test_incremental_delta_update_matches_recomputation(form):
             np.testing.assert_array_equal(args[3], inst.D[np.ix_(perm, perm)])
 
 
-def test_tabu_kernel_keeps_deltas_and_costs_exact():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tabu_kernel_keeps_deltas_and_costs_exact(symmetric):
     """Running the tabu kernel leaves its delta matrix and cost equal to recomputation."""
     n = 10
     A, B, C = kb_instance(n, 21)
+    if symmetric:  # the symmetric kernel mode (one product in the O(n) sums)
+        A, B = A + A.T, B + B.T
     inst = lsearch._instances(Problem.koopmans_beckmann(A, B, C, sense="min"), "test")[0]
+    assert inst.mode == (lsearch._KB_SYM if symmetric else lsearch._KB)
     perm = np.random.default_rng(2).permutation(n).astype(np.int64)
     st = lsearch._run_tabu(inst, perm, 137, None, None, None, np.random.default_rng(0))
     assert lsearch._cost(inst.mode, inst.F, inst.state(st.p)[3], inst.C, inst.K, n, st.p) == (
@@ -206,6 +210,7 @@ def test_tabu_kernel_keeps_deltas_and_costs_exact():
         lsearch._tabu_chunk(
             *args2, p2, d2, last, p2.copy(), fstate, istate, tenures, 22, 500, 1e-9, 3, *vecs
         )
+        lsearch._apply_pending(*args2, p2, d2, istate, *vecs)
         fresh = np.zeros((n, n))
         lsearch._all_deltas(*inst.state(p2), p2, fresh)
         np.testing.assert_allclose(np.triu(d2, 1), np.triu(fresh, 1), atol=1e-9)

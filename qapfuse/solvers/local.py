@@ -92,7 +92,8 @@ OPTIONS_TABU: dict[str, Option] = {
 #: Default tabu iterations per instance when neither ``max_iter`` nor ``time_limit`` is given.
 TABU_ITER_PER_NODE = 1000
 
-_KB, _DENSE = 0, 1
+# Kernel modes: Koopmans-Beckmann (general / both matrices symmetric) and dense Lawler K.
+_KB, _DENSE, _KB_SYM = 0, 1, 2
 _EMPTY2 = np.zeros((0, 0), dtype=np.float64)
 
 
@@ -135,6 +136,22 @@ def _delta_dense(K, n1, p, r, s):
     return d
 
 
+@njit(cache=True, inline="always")
+def _kb_fix(F, FT, G, GT, C, p, r, s):
+    """Terms of ``Δ(p; r, s)`` outside the sum over ``k ∉ {r, s}``, minus the sum's ``k = r, s``
+    terms (so that the sum itself can run over all k)."""
+    d = 0.0
+    for k in (r, s):
+        d -= (FT[r, k] - FT[s, k]) * (GT[s, k] - GT[r, k]) + (F[r, k] - F[s, k]) * (
+            G[s, k] - G[r, k]
+        )
+    d += (F[r, r] - F[s, s]) * (G[s, s] - G[r, r]) + (F[r, s] - F[s, r]) * (G[s, r] - G[r, s])
+    pr = p[r]
+    ps = p[s]
+    d += C[r, ps] + C[s, pr] - C[r, pr] - C[s, ps]
+    return d
+
+
 @njit(cache=True, fastmath=True)
 def _delta_kb(F, FT, G, GT, C, p, r, s):
     """Change of ``f(p) = sum F_ij G_ij + sum C_{i p_i}`` when rows r, s swap.
@@ -154,19 +171,58 @@ def _delta_kb(F, FT, G, GT, C, p, r, s):
     d = 0.0
     for k in range(n):
         d += (FTr[k] - FTs[k]) * (GTs[k] - GTr[k]) + (Fr[k] - Fs[k]) * (Gs[k] - Gr[k])
-    # The sum above ran over k = r, s too: replace those terms by the exact ones.
-    for k in (r, s):
-        d -= (FTr[k] - FTs[k]) * (GTs[k] - GTr[k]) + (Fr[k] - Fs[k]) * (Gs[k] - Gr[k])
-    d += (F[r, r] - F[s, s]) * (G[s, s] - G[r, r]) + (F[r, s] - F[s, r]) * (G[s, r] - G[r, s])
-    pr = p[r]
-    ps = p[s]
-    d += C[r, ps] + C[s, pr] - C[r, pr] - C[s, ps]
-    return d
+    return d + _kb_fix(F, FT, G, GT, C, p, r, s)
+
+
+@njit(cache=True, fastmath=True)
+def _refresh_kb(mode, F, FT, G, GT, C, n1, p, delta, u, v):
+    """Deltas of all swaps involving row u or v (KB), both rows in one pass over the matrices.
+
+    With symmetric F and D (``mode == _KB_SYM``) the two products of the sum are equal.
+    """
+    n = p.shape[0]
+    Fu = F[u]
+    Fv = F[v]
+    Gu = G[u]
+    Gv = G[v]
+    FTu = FT[u]
+    FTv = FT[v]
+    GTu = GT[u]
+    GTv = GT[v]
+    for k in range(n):
+        if k == u or k == v:
+            continue
+        do_u = min(k, u) < n1
+        do_v = min(k, v) < n1
+        if not (do_u or do_v):
+            continue
+        Fk = F[k]
+        Gk = G[k]
+        su = 0.0
+        sv = 0.0
+        if mode == 2:
+            for j in range(n):
+                su += (Fu[j] - Fk[j]) * (Gk[j] - Gu[j])
+                sv += (Fv[j] - Fk[j]) * (Gk[j] - Gv[j])
+            su *= 2.0
+            sv *= 2.0
+        else:
+            FTk = FT[k]
+            GTk = GT[k]
+            for j in range(n):
+                su += (FTu[j] - FTk[j]) * (GTk[j] - GTu[j]) + (Fu[j] - Fk[j]) * (Gk[j] - Gu[j])
+                sv += (FTv[j] - FTk[j]) * (GTk[j] - GTv[j]) + (Fv[j] - Fk[j]) * (Gk[j] - Gv[j])
+        if do_u:
+            delta[min(k, u), max(k, u)] = su + _kb_fix(F, FT, G, GT, C, p, u, k)
+        if do_v:
+            delta[min(k, v), max(k, v)] = sv + _kb_fix(F, FT, G, GT, C, p, v, k)
+    if min(u, v) < n1:
+        delta[min(u, v), max(u, v)] = _delta_kb(F, FT, G, GT, C, p, u, v)
 
 
 @njit(cache=True)
 def _delta(mode, F, FT, G, GT, C, K, n1, p, r, s):
-    if mode == 0:
+    if mode != 1:
         return _delta_kb(F, FT, G, GT, C, p, r, s)
     return _delta_dense(K, n1, p, r, s)
 
@@ -176,7 +232,7 @@ def _cost(mode, F, G, C, K, n1, p):
     """``f(p)`` (the minimised cost) from scratch, O(n^2)."""
     n = p.shape[0]
     c = 0.0
-    if mode == 0:
+    if mode != 1:
         for i in range(n):
             for j in range(n):
                 c += F[i, j] * G[i, j]
@@ -194,7 +250,7 @@ def _swap(mode, G, GT, p, u, v):
     t = p[u]
     p[u] = p[v]
     p[v] = t
-    if mode != 0:
+    if mode == 1:
         return
     n = p.shape[0]
     for M in (G, GT):
@@ -211,7 +267,7 @@ def _swap(mode, G, GT, p, u, v):
 @njit(cache=True)
 def _move_vectors(mode, F, FT, G, GT, p, u, v, a1, a2, b1, b2):
     """The O(n) vectors of the O(1) update after rows u, v swapped (``p`` already swapped)."""
-    if mode != 0:
+    if mode == 1:
         return
     n = p.shape[0]
     for k in range(n):
@@ -238,7 +294,7 @@ def _updated(mode, F, FT, G, GT, C, K, n1, p, delta, r, s, u, v, a1, a2, b1, b2)
     """Delta of swap (r, s) after the move (u, v) (``p`` already swapped)."""
     if r == u or r == v or s == u or s == v:
         return _delta(mode, F, FT, G, GT, C, K, n1, p, r, s)
-    if mode == 0:
+    if mode != 1:
         return delta[r, s] - (a1[r] - a1[s]) * (b1[r] - b1[s]) - (a2[r] - a2[s]) * (b2[r] - b2[s])
     # Dense K: only the terms k = u, v of the sum change; q_u = p_v(old), q_v = p_u(old).
     qu = p[u]
@@ -255,6 +311,9 @@ def _updated(mode, F, FT, G, GT, C, K, n1, p, delta, r, s, u, v, a1, a2, b1, b2)
 @njit(cache=True)
 def _refresh_rows(mode, F, FT, G, GT, C, K, n1, p, delta, u, v):
     """Recompute (O(n) each) the deltas of all swaps that involve row u or row v."""
+    if mode != 1:
+        _refresh_kb(mode, F, FT, G, GT, C, n1, p, delta, u, v)
+        return
     n = p.shape[0]
     for w in (u, v):
         for k in range(n):
@@ -360,7 +419,7 @@ def _two_opt_best(mode, F, FT, G, GT, C, K, n1, p, delta, state, max_moves, tol,
             for s in range(r + 1, n):
                 if skip_r or s == u or s == v:
                     d = delta[r, s]
-                elif mode == 0:
+                elif mode != 1:
                     d = delta[r, s] - (a1r - a1[s]) * (b1r - b1[s]) - (a2r - a2[s]) * (b2r - b2[s])
                     delta[r, s] = d
                 else:
@@ -415,8 +474,8 @@ def _tabu_chunk(
 
     ``fstate`` (float64): [cur, best]. ``istate`` (int64): [it, last_u, last_v, best_is_local,
     at_best, best_it, min_last]. ``last[i, c]`` is the iteration at which row i last left
-    column c. On entry ``delta`` is up to date except for the move ``(last_u, last_v)`` when
-    ``last_u >= 0``; on return it is up to date.
+    column c. ``delta`` is up to date except for the move ``(last_u, last_v)`` when
+    ``last_u >= 0`` (on entry and on return: the next chunk's first pass updates it).
     """
     n = p.shape[0]
     rmax = min(n1, n - 1)
@@ -461,7 +520,7 @@ def _tabu_chunk(
             for s in range(r + 1, n):
                 if skip_r or s == u or s == v:
                     d = delta[r, s]
-                elif mode == 0:
+                elif mode != 1:
                     d = delta[r, s] - (a1r - a1[s]) * (b1r - b1[s]) - (a2r - a2[s]) * (b2r - b2[s])
                     delta[r, s] = d
                 else:
@@ -515,20 +574,33 @@ def _tabu_chunk(
             istate[4] = 1
             istate[3] = 0
             istate[5] = it
-    # Leave delta up to date.
-    if u >= 0:
-        for r in range(rmax):
-            for s in range(r + 1, n):
-                delta[r, s] = _updated(
-                    mode, F, FT, G, GT, C, K, n1, p, delta, r, s, u, v, a1, a2, b1, b2
-                )
     fstate[0] = cur
     fstate[1] = best
     istate[0] = it
-    istate[1] = -1
-    istate[2] = -1
+    istate[1] = u  # the next chunk updates delta for this move first
+    istate[2] = v
     istate[6] = min_last
     return it
+
+
+@njit(cache=True)
+def _apply_pending(mode, F, FT, G, GT, C, K, n1, p, delta, istate, a1, a2, b1, b2):
+    """Bring ``delta`` up to date for the move a tabu chunk left pending (``istate[1:3]``)."""
+    u = istate[1]
+    v = istate[2]
+    if u < 0:
+        return
+    _move_vectors(mode, F, FT, G, GT, p, u, v, a1, a2, b1, b2)
+    _refresh_rows(mode, F, FT, G, GT, C, K, n1, p, delta, u, v)
+    n = p.shape[0]
+    for r in range(min(n1, n - 1)):
+        for s in range(r + 1, n):
+            if r != u and r != v and s != u and s != v:
+                delta[r, s] = _updated(
+                    mode, F, FT, G, GT, C, K, n1, p, delta, r, s, u, v, a1, a2, b1, b2
+                )
+    istate[1] = -1
+    istate[2] = -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,7 +624,7 @@ class _Instance:
 
     def state(self, p: np.ndarray) -> tuple[Any, ...]:
         """Kernel arguments for a search at permutation `p` (KB: fresh ``G = D[p][:, p]``)."""
-        if self.mode == _KB:
+        if self.mode != _DENSE:
             G = np.ascontiguousarray(self.D[np.ix_(p, p)])
             GT = np.ascontiguousarray(G.T)
         else:
@@ -611,7 +683,8 @@ def _instances(problem: Problem, caller: str) -> list[_Instance]:
             scale = np.abs(F).max(initial=0) * np.abs(D).max(initial=0) * max(n, 1)
             scale += np.abs(C).max(initial=0)
             FT = np.ascontiguousarray(F.T)
-            out.append(_Instance(_KB, n1, n, F, FT, D, C, _EMPTY2, _tolerance(scale)))
+            mode = _KB_SYM if np.array_equal(F, FT) and np.array_equal(D, D.T) else _KB
+            out.append(_Instance(mode, n1, n, F, FT, D, C, _EMPTY2, _tolerance(scale)))
         return out
     need = dense_nbytes(problem.batch, problem.n1max, problem.n2max)
     if need > DENSE_MAX_BYTES:
@@ -796,7 +869,7 @@ def _run_two_opt(
 def _initial_deltas(inst: _Instance, args: tuple[Any, ...], p: np.ndarray) -> np.ndarray:
     """Matrix of all swap deltas at `p` (upper triangle used): BLAS for KB, loops for dense."""
     n = inst.n
-    if inst.mode != _KB:
+    if inst.mode == _DENSE:
         delta = np.zeros((n, n))
         _all_deltas(*args, p, delta)
         return delta
@@ -992,7 +1065,7 @@ def two_opt(
         n_iter=moves,
         converged=local,
         start=start,
-        info={"form": "kb" if insts and insts[0].mode == _KB else "dense", "strategy": strategy},
+        info={"form": "dense" if insts and insts[0].mode == _DENSE else "kb", "strategy": strategy},
     )
 
 
@@ -1105,5 +1178,5 @@ def tabu(
         n_iter=n_iter,
         converged=local,
         start=start,
-        info={"form": "kb" if insts and insts[0].mode == _KB else "dense"},
+        info={"form": "dense" if insts and insts[0].mode == _DENSE else "kb"},
     )

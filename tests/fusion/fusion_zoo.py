@@ -28,6 +28,14 @@ def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def kaiming(model: nn.Module) -> nn.Module:
+    """He initialisation: keeps a deep plain net's activations at unit scale (not degenerate)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    return model
+
+
 # -- hand-written specs ----------------------------------------------------------------------
 
 
@@ -63,10 +71,17 @@ def _bn(axes: dict, name: str, group: str) -> None:
     axes[f"{name}.num_batches_tracked"] = ()
 
 
-def vgg11_spec(batch_norm: bool, pool_block: int) -> dict:
+VGG_CFGS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
+              "M"),
+}  # fmt: skip
+
+
+def vgg_spec(cfg: str, batch_norm: bool, pool_block: int, n_hidden: int = 1) -> dict:
     axes: dict = {}
     prev, i = "input", 0
-    for v in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+    for v in VGG_CFGS[cfg]:
         if v == "M":
             i += 1
             continue
@@ -76,10 +91,13 @@ def vgg11_spec(batch_norm: bool, pool_block: int) -> dict:
         if batch_norm:
             _bn(axes, f"features.{i + 1}", name)
         prev, i = name, i + (3 if batch_norm else 2)
-    axes["classifier.0.weight"] = ("classifier.0", Segment(prev, pool_block))
-    axes["classifier.0.bias"] = ("classifier.0",)
-    axes["classifier.3.weight"] = ("output", "classifier.0")
-    axes["classifier.3.bias"] = ("output",)
+    inp = Segment(prev, pool_block)  # channel c feeds the c-th block of pooled positions
+    for j in range(n_hidden + 1):
+        name = f"classifier.{3 * j}"
+        out = "output" if j == n_hidden else name
+        axes[f"{name}.weight"] = (out, inp)
+        axes[f"{name}.bias"] = (out,)
+        inp = Segment(name)
     return axes
 
 
@@ -146,14 +164,21 @@ def _cases() -> dict:
         "vgg11": (
             lambda: M.vgg11(width=1 / 16, classifier=(16,), pool_size=2, num_classes=5),
             (3, 32, 32),
-            lambda: vgg11_spec(False, 4),
+            lambda: vgg_spec("vgg11", False, 4),
         ),
         "vgg11_bn": (
             lambda: M.vgg11(
                 batch_norm=True, width=1 / 16, classifier=(16,), pool_size=2, num_classes=5
             ),
             (3, 32, 32),
-            lambda: vgg11_spec(True, 4),
+            lambda: vgg_spec("vgg11", True, 4),
+        ),
+        "vgg16_bn": (
+            lambda: M.vgg16(
+                batch_norm=True, width=1 / 16, classifier=(16, 12), pool_size=1, num_classes=5
+            ),
+            (3, 32, 32),
+            lambda: vgg_spec("vgg16", True, 1, n_hidden=2),
         ),
         "resnet18": (
             lambda: M.resnet18(width=4, num_classes=5),
@@ -186,7 +211,10 @@ def make(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A freshly initialised tiny model (eval mode) and a random batch of 4 inputs for it."""
     build, shape, _ = CASES[name]
     torch.manual_seed(seed)
-    model = randomise_norms(build(), seed)
+    model = build()
+    if not name.startswith("resnet"):  # plain nets: keep the signal alive through depth
+        kaiming(model)
+    model = randomise_norms(model, seed)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(seed + 1))
     return model, x
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fusion_zoo import NAMES, hand_spec, make, traced
 
-from qapfuse.fusion import PermutationSpec, Segment, SpecError, check_same_shapes, trace
+from qapfuse.fusion import PermutationSpec, Segment, SpecError, check_same_shapes, models, trace
 from qapfuse.fusion.models import MLP
 
 
@@ -127,3 +127,27 @@ def test_unused_parameters_are_left_unpermuted_with_a_warning(caplog):
         spec = trace(WithSpare(), torch.zeros(1, 4))
     assert spec.axes["spare.weight"] == (None, None)
     assert "spare.weight" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: MLP(4, (), 2), "'hidden' parameter of MLP"),
+        (lambda: models.VGG("vgg99"), "'cfg' parameter of VGG"),
+        (lambda: models.ResNet("wide"), "'block' parameter of ResNet"),
+        (lambda: models.ResNet(stem="tiny"), "'stem' parameter of ResNet"),
+        (lambda: models.ResNet(layers=(1, 1), widths=(4,)), "same length"),
+        (lambda: models.LeNet(input_size=8), "'input_size' parameter of LeNet"),
+    ],
+)
+def test_zoo_refuses_bad_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_zoo_shapes():
+    x = torch.zeros(2, 3, 64, 64)
+    assert models.resnet50(width=2, num_classes=7)(x).shape == (2, 7)
+    assert models.vgg16(width=1 / 32, classifier=(8, 8), num_classes=3)(x).shape == (2, 3)
+    assert models.LeNet(3, 4, input_size=64)(x).shape == (2, 4)
+    assert models.ConvLayerNormNet(3, 5, channels=(4, 4), input_size=64)(x).shape == (2, 5)

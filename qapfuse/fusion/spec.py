@@ -310,7 +310,7 @@ class PermutationSpec:
         return PermutationSpec(self.axes, fixed=self.fixed, sizes=sizes)
 
     def check(self, state_dict: Mapping[str, Any]) -> PermutationSpec:
-        """Check `state_dict` against this spec and return the spec with sizes (see resolve)."""
+        """Check `state_dict` against this spec; an alias of :meth:`resolve`."""
         return self.resolve(state_dict)
 
     def _check_keys(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -341,7 +341,18 @@ class PermutationSpec:
     ) -> torch.Tensor | None:
         """Index (along one axis) that applies `perms` to an axis described by `entry`.
 
-        Returns ``None`` when the axis is left unchanged. Needs :attr:`sizes`.
+        Parameters
+        ----------
+        entry : AxisEntry
+            One entry of :attr:`axes`.
+        perms : mapping of str to int64 Tensor of shape (n_g,)
+            Checked permutations; groups left out keep their order.
+
+        Returns
+        -------
+        int64 Tensor of shape (axis length,) or None
+            ``torch.index_select(t, axis, index)`` permutes the axis; ``None`` when the axis is
+            left unchanged. Needs :attr:`sizes`.
         """
         if entry is None or not any(s.group in perms for s in entry):
             return None

@@ -6,7 +6,7 @@
 * kernels: :func:`inner_product_kernel`, :func:`gaussian_kernel`, :func:`custom_kernel`;
 * :class:`EdgeFactorAffinity` -- ``K vec(X)`` as ``sum_t A_t X B_t^T`` (exact for the inner
   product, a Taylor expansion with a stated error bound for the Gaussian);
-* :class:`CSRAffinity` -- a sparse ``K`` with a parallel (Numba) product.
+* :class:`CSRAffinity` -- a sparse ``K`` (CSR) whose symmetry is known from the graphs.
 """
 
 from .builders import CSRAffinity, build_aff_mat, graph_matching_problem

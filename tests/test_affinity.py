@@ -363,3 +363,28 @@ def test_kernel_objects():
         build_aff_mat(*_args(d), edge_aff=kern)
     with pytest.raises(ValueError, match="custom kernel has no known factorisation"):
         build_aff_mat(*_args(d), edge_aff=_l1_sim, format="operator")
+
+
+@pytest.mark.parametrize("edge", ["inner", "gauss"])
+def test_sparse_threshold_drops_only_small_edge_entries(edge):
+    d = _batch(seed=11, selfloops=True)
+    kw = dict(node_aff=gaussian_kernel(1.0), edge_aff=KERNELS[edge][0], dtype="float64")
+    K = build_aff_mat(*_args(d), **kw)
+    thr = 0.6
+    Ks = build_aff_mat(*_args(d), format="sparse", threshold=thr, **kw)
+    targs = [torch.as_tensor(v) for v in _args(d)[:6]]
+    Kt = build_aff_mat(*targs, *_args(d)[6:], format="sparse", threshold=thr, **kw)
+    for k in range(3):
+        want = K[k].copy()
+        off = ~np.eye(want.shape[0], dtype=bool)
+        want[off & (np.abs(want) < thr)] = 0.0  # the diagonal (node affinities) is kept
+        got = Ks[k].toarray()
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        assert np.abs(got - K[k]).max() < thr
+        np.testing.assert_allclose(Kt[k].to_dense().numpy(), want, atol=1e-12)
+    full = build_aff_mat(*_args(d), format="sparse", **kw)
+    assert sum(M.nnz for M in Ks) < sum(M.nnz for M in full)
+    with pytest.raises(ValueError, match=r"'threshold' parameter .* format='sparse' only"):
+        build_aff_mat(*_args(d), threshold=0.1)
+    with pytest.raises(ValueError, match="'threshold' parameter of build_aff_mat"):
+        build_aff_mat(*_args(d), format="sparse", threshold=-1.0)

@@ -63,15 +63,45 @@ def _dense_fill_py(
             out[r, r] = node[i, a]
 
 
-def _sparse_count_py(counts, ptr1, nbr1, ptr2, nbr2, has_node, n1, n2, n1max):
-    """Non-zeros per row of one instance (``counts`` has ``n1max*n2max`` zeroed entries)."""
+def _sparse_count_py(
+    counts, ptr1, nbr1, F1, ptr2, nbr2, F2, has_node, n1, n2, n1max, kind, sigma, thr, cut
+):  # pragma: no cover - jitted
+    """Non-zeros per row of one instance (``counts`` has ``n1max*n2max`` zeroed entries).
+
+    With ``thr > 0`` edge entries with ``|k| < thr`` are left out (for the Gaussian kernel
+    without an ``exp``: ``||f - g||^2 >= cut = sigma * log(1 / thr)``).
+    """
     for q in nb.prange(n1 * n2):
         a = q // n1
         i = q - a * n1
-        c = (ptr1[i + 1] - ptr1[i]) * (ptr2[a + 1] - ptr2[a])
-        if has_node and not (_has_edge(ptr1, nbr1, i, i) and _has_edge(ptr2, nbr2, a, a)):
-            c += 1
-        counts[i + a * n1max] = c
+        r = i + a * n1max
+        if thr <= 0.0:
+            c = (ptr1[i + 1] - ptr1[i]) * (ptr2[a + 1] - ptr2[a])
+            if has_node and not (_has_edge(ptr1, nbr1, i, i) and _has_edge(ptr2, nbr2, a, a)):
+                c += 1
+        else:
+            c = 1 if has_node else 0
+            for eb in range(ptr2[a], ptr2[a + 1]):
+                cb = nbr2[eb] * n1max
+                for ej in range(ptr1[i], ptr1[i + 1]):
+                    if has_node and nbr1[ej] + cb == r:
+                        continue
+                    if kind == GAUSSIAN:
+                        keep = _sqdist(F1, ej, F2, eb) < cut
+                    else:
+                        keep = abs(_pair(F1, ej, F2, eb, kind, sigma)) >= thr
+                    if keep:
+                        c += 1
+        counts[r] = c
+
+
+@nb.njit(cache=True, inline="always")
+def _sqdist(A: Any, i: int, B: Any, j: int) -> float:  # pragma: no cover - jitted
+    s = 0.0
+    for d in range(A.shape[1]):
+        t = A[i, d] - B[j, d]
+        s += t * t
+    return s
 
 
 @nb.njit(cache=True, inline="always")
@@ -99,8 +129,13 @@ def _sparse_fill_py(
     n1max,
     kind,
     sigma,
+    thr,
+    cut,
 ):  # pragma: no cover - jitted
-    """Fill CSR ``indices``/``data`` of one instance; columns come out sorted per row."""
+    """Fill CSR ``indices``/``data`` of one instance; columns come out sorted per row.
+
+    Keeps the same entries as :func:`_sparse_count_py` with the same ``thr``/``cut``.
+    """
     for q in nb.prange(n1 * n2):
         a = q // n1
         i = q - a * n1
@@ -111,17 +146,30 @@ def _sparse_fill_py(
             cb = nbr2[eb] * n1max
             for ej in range(ptr1[i], ptr1[i + 1]):
                 c = nbr1[ej] + cb
+                if has_node and c == r:  # the node affinity replaces a self-loop pair
+                    indices[pos] = r
+                    data[pos] = node[i, a]
+                    pos += 1
+                    pending = False
+                    continue
                 if pending and c > r:
                     indices[pos] = r
                     data[pos] = node[i, a]
                     pos += 1
                     pending = False
-                indices[pos] = c
-                if has_node and c == r:
-                    data[pos] = node[i, a]
-                    pending = False
+                if thr > 0.0:
+                    if kind == GAUSSIAN:
+                        if _sqdist(F1, ej, F2, eb) >= cut:
+                            continue
+                        v = _pair(F1, ej, F2, eb, kind, sigma)
+                    else:
+                        v = _pair(F1, ej, F2, eb, kind, sigma)
+                        if abs(v) < thr:
+                            continue
                 else:
-                    data[pos] = _pair(F1, ej, F2, eb, kind, sigma)
+                    v = _pair(F1, ej, F2, eb, kind, sigma)
+                indices[pos] = c
+                data[pos] = v
                 pos += 1
         if pending:
             indices[pos] = r
@@ -134,10 +182,10 @@ sparse_fill = nb.njit(parallel=True, cache=True)(_sparse_fill_py)
 sparse_count = nb.njit(parallel=True, cache=True)(_sparse_count_py)
 
 
-def custom_kernels(fn: Callable[..., float], parallel: bool = True) -> tuple[Any, Any, Any]:
-    """``(pairwise, dense_fill, sparse_fill)`` compiled around the Numba function ``fn(x, y)``.
+def custom_kernels(fn: Callable[..., float], parallel: bool = True) -> tuple[Any, Any, Any, Any]:
+    """``(pairwise, dense_fill, sparse_fill, sparse_count)`` compiled around ``fn(x, y)``.
 
-    The three kernels are the built-in ones with ``_pair`` bound to ``fn`` (``kind`` and
+    The kernels are the built-in ones with ``_pair`` bound to ``fn`` (``kind`` and
     ``sigma`` are ignored). They are compiled on first use and are not cached on disk.
     """
 
@@ -146,9 +194,9 @@ def custom_kernels(fn: Callable[..., float], parallel: bool = True) -> tuple[Any
         return fn(A[i], B[j])
 
     out = []
-    for py in (_pairwise_py, _dense_fill_py, _sparse_fill_py):
+    for py in (_pairwise_py, _dense_fill_py, _sparse_fill_py, _sparse_count_py):
         g = dict(py.__globals__)
         g["_pair"] = pair
         clone = types.FunctionType(py.__code__, g, py.__name__, py.__defaults__, py.__closure__)
         out.append(nb.njit(parallel=parallel)(clone))
-    return out[0], out[1], out[2]
+    return out[0], out[1], out[2], out[3]

@@ -15,6 +15,7 @@ torch code (torch input, any device), as a dense array, a sparse matrix, or neve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,6 +295,7 @@ def build_aff_mat(
     max_bytes: int | None = None,
     tol: float = 1e-6,
     max_terms: int = 256,
+    threshold: float = 0.0,
 ) -> Any:
     r"""Build the graph-matching affinity ``K`` from node and edge features.
 
@@ -327,6 +329,11 @@ def build_aff_mat(
         Size limit of a dense ``K``; default ``qapfuse.problem.DENSE_MAX_BYTES`` (2 GiB).
     tol, max_terms :
         Accuracy and size limit of the Gaussian expansion (``format="operator"`` only).
+    threshold : float >= 0
+        ``format="sparse"`` only: leave out edge-pair entries with ``|k| < threshold`` (each
+        entry of ``K`` is then off by less than `threshold`). For the Gaussian kernel the test
+        ``||f - g||^2 >= sigma * log(1 / threshold)`` skips the ``exp`` of every dropped pair,
+        so both time and memory shrink. Default 0: exact.
 
     Returns
     -------
@@ -366,9 +373,18 @@ def build_aff_mat(
     caller = "build_aff_mat"
     check_choice(format, "format", caller, FORMATS)
     g = _check_graphs(
-        node_feat1, edge_feat1, connectivity1, node_feat2, edge_feat2, connectivity2,
-        n1, ne1, n2, ne2, caller,
-    )  # fmt: skip
+        node_feat1,
+        edge_feat1,
+        connectivity1,
+        node_feat2,
+        edge_feat2,
+        connectivity2,
+        n1,
+        ne1,
+        n2,
+        ne2,
+        caller,
+    )
     kn = as_kernel(node_aff, "node_aff", caller)
     ke = as_kernel(edge_aff, "edge_aff", caller)
     dt = _dtype(dtype, g, caller)
@@ -379,7 +395,8 @@ def build_aff_mat(
         check_scalar(max_terms, "max_terms", caller, integer=True, low=1, low_inclusive=True)
         node = _node_matrix(g, kn, caller) if g.has_node else None
         return EdgeFactorAffinity._from_graphs(g, node, ke, dt, tol=tol, max_terms=max_terms)
-    out = _build(g, kn, ke, format, dt, max_bytes, caller)
+    _check_threshold(threshold, format, caller)
+    out = _build(g, kn, ke, format, dt, max_bytes, caller, threshold)
     if format == "sparse":
         return out if g.batched else out[0]
     return out if g.batched else out[0, ...]
@@ -404,6 +421,7 @@ def graph_matching_problem(
     max_bytes: int | None = None,
     tol: float = 1e-6,
     max_terms: int = 256,
+    threshold: float = 0.0,
 ) -> Problem:
     """The graph matching problem ``max vec(X)^T K vec(X)`` for two (batches of) graphs.
 
@@ -426,13 +444,23 @@ def graph_matching_problem(
     caller = "graph_matching_problem"
     check_choice(format, "format", caller, FORMATS)
     g = _check_graphs(
-        node_feat1, edge_feat1, connectivity1, node_feat2, edge_feat2, connectivity2,
-        n1, ne1, n2, ne2, caller,
-    )  # fmt: skip
+        node_feat1,
+        edge_feat1,
+        connectivity1,
+        node_feat2,
+        edge_feat2,
+        connectivity2,
+        n1,
+        ne1,
+        n2,
+        ne2,
+        caller,
+    )
     kn = as_kernel(node_aff, "node_aff", caller)
     ke = as_kernel(edge_aff, "edge_aff", caller)
     dt = _dtype(dtype, g, caller)
     n1max, n2max = g.g1.nmax, g.g2.nmax
+    _check_threshold(threshold, format, caller)
     if format == "operator":
         from .operator import EdgeFactorAffinity
 
@@ -443,7 +471,7 @@ def graph_matching_problem(
     elif format == "dense":
         aff = DenseAffinity(_build(g, kn, ke, "dense", dt, max_bytes, caller), n1max, n2max)
     else:
-        Ks = _build(g, kn, ke, "sparse", dt, max_bytes, caller)
+        Ks = _build(g, kn, ke, "sparse", dt, max_bytes, caller, threshold)
         aff = SparseAffinity(Ks, n1max, n2max) if g.torch else CSRAffinity(Ks, n1max, n2max)
         if _symmetric_graphs(g):
             aff._symmetric = True
@@ -467,6 +495,15 @@ class CSRAffinity(SparseAffinity):
 # ----------------------------------------------------------------------------------------------
 # Implementation
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_threshold(threshold: float, format: str, caller: str) -> None:
+    check_scalar(threshold, "threshold", caller, low=0, low_inclusive=True)
+    if threshold > 0 and format != "sparse":
+        raise ValueError(
+            f"The 'threshold' parameter of {caller} applies to format='sparse' only; got "
+            f"threshold={threshold} with format={format!r}."
+        )
 
 
 def _dtype(dtype: Any, g: _Graphs, caller: str) -> Any:
@@ -522,9 +559,10 @@ def _node_matrix(g: _Graphs, kn: Kernel, caller: str) -> Array:
     return out
 
 
-def _numba_kernels(kern: Kernel, caller: str, name: str) -> tuple[Any, Any, Any]:
+def _numba_kernels(kern: Kernel, caller: str, name: str) -> tuple[Any, Any, Any, Any]:
     if kern.name != "custom":
-        return _kernels.pairwise, _kernels.dense_fill, _kernels.sparse_fill
+        k = _kernels
+        return k.pairwise, k.dense_fill, k.sparse_fill, k.sparse_count
     if kern.numba_fn is None:
         raise TypeError(
             f"The {name!r} kernel of {caller} has no Numba function for numpy inputs; pass "
@@ -538,7 +576,7 @@ def _numba_kernels(kern: Kernel, caller: str, name: str) -> tuple[Any, Any, Any]
     return cached[1]
 
 
-_CUSTOM: dict[tuple[int, bool], tuple[Any, tuple[Any, Any, Any]]] = {}
+_CUSTOM: dict[tuple[int, bool], tuple[Any, tuple[Any, Any, Any, Any]]] = {}
 
 
 def _torch_pairwise(F1: Any, F2: Any, kern: Kernel, caller: str, name: str) -> Any:
@@ -590,7 +628,14 @@ def _instance_numpy(g: _Graphs, k: int) -> tuple[Any, ...]:
 
 
 def _build(
-    g: _Graphs, kn: Kernel, ke: Kernel, format: str, dt: Any, max_bytes: int | None, caller: str
+    g: _Graphs,
+    kn: Kernel,
+    ke: Kernel,
+    format: str,
+    dt: Any,
+    max_bytes: int | None,
+    caller: str,
+    threshold: float = 0.0,
 ) -> Any:
     n1max, n2max = g.g1.nmax, g.g2.nmax
     N = n1max * n2max
@@ -599,18 +644,32 @@ def _build(
         _check_budget(g, itemsize, max_bytes, caller)
     node = _node_matrix(g, kn, caller) if g.has_node else None
     if g.torch:
-        return _build_torch(g, node, ke, format, dt, caller)
+        return _build_torch(g, node, ke, format, dt, caller, threshold)
     ek = ke if g.has_edge else Kernel("inner_product")  # no edges: only the node diagonal
-    _, dense_fill, sparse_fill = _numba_kernels(ek, caller, "edge_aff")
+    _, dense_fill, sparse_fill, sparse_count = _numba_kernels(ek, caller, "edge_aff")
+    thr = float(threshold)
+    cut = ke.sigma * math.log(1.0 / thr) if thr > 0 else 0.0
     nd = np.zeros((1, 1, 1), np.float64) if node is None else node
     if format == "dense":
         out = np.zeros((g.batch, N, N), dtype=dt)
         for k in range(g.batch):
             p1, b1, F1, p2, b2, F2 = _instance_numpy(g, k)
             dense_fill(
-                out[k], p1, b1, F1, p2, b2, F2, nd[min(k, nd.shape[0] - 1)], node is not None,
-                int(g.g1.n[k]), int(g.g2.n[k]), n1max, ke.kind, ke.sigma,
-            )  # fmt: skip
+                out[k],
+                p1,
+                b1,
+                F1,
+                p2,
+                b2,
+                F2,
+                nd[min(k, nd.shape[0] - 1)],
+                node is not None,
+                int(g.g1.n[k]),
+                int(g.g2.n[k]),
+                n1max,
+                ke.kind,
+                ke.sigma,
+            )
         return out
     import scipy.sparse as sp
 
@@ -619,7 +678,23 @@ def _build(
         p1, b1, F1, p2, b2, F2 = _instance_numpy(g, k)
         m1, m2 = int(g.g1.n[k]), int(g.g2.n[k])
         counts = np.zeros(N, dtype=np.int64)
-        _kernels.sparse_count(counts, p1, b1, p2, b2, node is not None, m1, m2, n1max)
+        sparse_count(
+            counts,
+            p1,
+            b1,
+            F1,
+            p2,
+            b2,
+            F2,
+            node is not None,
+            m1,
+            m2,
+            n1max,
+            ek.kind,
+            ek.sigma,
+            thr,
+            cut,
+        )
         nnz = int(counts.sum())
         idx_t = np.int32 if max(nnz, N) < 2**31 - 1 else np.int64
         indptr = np.zeros(N + 1, dtype=idx_t)
@@ -628,16 +703,34 @@ def _build(
         indices = np.empty(nnz, dtype=idx_t)
         data = np.empty(nnz, dtype=dt)
         sparse_fill(
-            indptr, indices, data, p1, b1, F1, p2, b2, F2, nd[min(k, nd.shape[0] - 1)],
-            node is not None, m1, m2, n1max, ke.kind, ke.sigma,
-        )  # fmt: skip
+            indptr,
+            indices,
+            data,
+            p1,
+            b1,
+            F1,
+            p2,
+            b2,
+            F2,
+            nd[min(k, nd.shape[0] - 1)],
+            node is not None,
+            m1,
+            m2,
+            n1max,
+            ek.kind,
+            ek.sigma,
+            thr,
+            cut,
+        )
         K = sp.csr_matrix((data, indices, indptr), shape=(N, N), copy=False)
         K.has_sorted_indices = True  # columns come out sorted per row, no duplicates
         Ks.append(K)
     return Ks
 
 
-def _build_torch(g: _Graphs, node: Any, ke: Kernel, format: str, dt: Any, caller: str) -> Any:
+def _build_torch(
+    g: _Graphs, node: Any, ke: Kernel, format: str, dt: Any, caller: str, threshold: float = 0.0
+) -> Any:
     """Vectorised torch construction (any device): index arithmetic and one scatter."""
     torch = backend._torch()
     n1max, n2max = g.g1.nmax, g.g2.nmax
@@ -655,6 +748,9 @@ def _build_torch(g: _Graphs, node: Any, ke: Kernel, format: str, dt: Any, caller
             r = c1[:, 0][:, None] + c2[:, 0][None, :] * n1max
             c = c1[:, 1][:, None] + c2[:, 1][None, :] * n1max
             r, c, v = r.reshape(-1), c.reshape(-1), E.reshape(-1)
+            if threshold > 0:  # the same entries as the Numba path keeps
+                keep = v.abs() >= threshold
+                r, c, v = r[keep], c[keep], v[keep]
             if node is not None:  # node affinities overwrite self-loop pairs
                 off = r != c
                 r, c, v = r[off], c[off], v[off]

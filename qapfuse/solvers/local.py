@@ -89,8 +89,18 @@ OPTIONS_TABU: dict[str, Option] = {
     "rng": Option("any", allow_none=True),
 }
 
-#: Default tabu iterations per instance when neither ``max_iter`` nor ``time_limit`` is given.
+#: Default tabu iterations per instance when neither ``max_iter`` nor ``time_limit`` is given:
+#: ``TABU_ITER_PER_NODE * n``, capped at ``TABU_MAX_PAIR_UPDATES / n**2`` (an iteration costs
+#: O(n^2)), i.e. 1000 n up to n = 100 and fewer beyond (n = 256: 15,259).
 TABU_ITER_PER_NODE = 1000
+TABU_MAX_PAIR_UPDATES = 10**9
+
+
+def default_tabu_iterations(n: int) -> int:
+    """Iterations of a tabu run on ``n`` rows when neither max_iter nor time_limit is given."""
+    n = max(int(n), 1)
+    return max(1, min(TABU_ITER_PER_NODE * n, math.ceil(TABU_MAX_PAIR_UPDATES / n**2)))
+
 
 # Kernel modes: Koopmans-Beckmann (general / both matrices symmetric) and dense Lawler K.
 _KB, _DENSE, _KB_SYM = 0, 1, 2
@@ -934,7 +944,7 @@ def _run_tabu(
     vecs = [np.zeros(n) for _ in range(4)]
     budget = max_iter
     if budget is None and deadline is None:
-        budget = TABU_ITER_PER_NODE * n
+        budget = default_tabu_iterations(n)
     chunk = _Chunker(deadline, budget, max(1, 200000 // (n * n)))
     while True:
         steps = chunk.next()
@@ -1104,7 +1114,8 @@ def tabu(
         Start, hard or soft (rounded by the Hungarian method). Default: random permutation.
     max_iter : int >= 1, optional
         Iterations per instance. Default, when `time_limit` is not given either,
-        ``1000 * n`` (``TABU_ITER_PER_NODE``); with only `time_limit`, no iteration limit.
+        ``min(1000 n, 10^9 / n^2)`` (:func:`default_tabu_iterations`: 1000 n up to n = 100,
+        about 1-10 s per instance); with only `time_limit`, no iteration limit.
     time_limit : float > 0, optional
         Wall-clock seconds for the whole call, split evenly over the instances left; checked
         every ~10 ms. Numba compilation (first call) is not counted.

@@ -121,7 +121,6 @@ def solve(
     >>> bool(np.isclose(res.objective, best))
     True
     """
-    start = time.perf_counter()
     check_problem(problem, "solve")
     check_choice(method, "method", "solve", METHODS)
     if refine is not None:
@@ -135,6 +134,9 @@ def solve(
         raise TypeError(f"{caller}: pass time_limit to solve itself, not as a method option.")
     opts = check_options(options, spec.options, caller)
     gen = backend.rng_from(rng, caller="solve")
+    if method in ("auto", *REFINERS) or refine is not None:
+        _local.warm_up()  # compile / load the Numba kernels before the clock starts
+    start = time.perf_counter()
 
     best = None
     n_iter, runs = 0, 0

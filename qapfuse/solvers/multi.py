@@ -72,11 +72,13 @@ OPTIONS: dict[str, Option] = {
 }
 _OPTIONS_KB: dict[str, Option] = {
     **OPTIONS,
-    "init_pairs": Option("choice", choices=("all", "star")),
+    "init_pairs": Option("choice", choices=("auto", "all", "star")),
     "quad_weight": Option("float", low=0, low_inclusive=True),
 }
 
 INITS = ("rrwm", "ga", "uniform")
+#: ``init_pairs="auto"`` solves all pairs when ``m (m - 1) / 2 * n^2`` is at most this.
+AUTO_PAIRS_BUDGET = 100_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +301,12 @@ class _PairObjective:
             out = out + xp.reshape(xp.matmul(g.E_J, xp.reshape(gj, (P, r * d))), (m, r, d))
         return out
 
+    def local_problems(self, U: Array, ns: np.ndarray) -> Problem:
+        """Every graph's ``F(U_i)`` (others fixed) as one batch of ``m`` Lawler problems."""
+        m, d = U.shape[0], U.shape[2]
+        aff = _LocalPairAffinity(self, U)
+        return Problem(aff, ns, np.full(m, d, dtype=np.int64), batched=True)
+
     def score(self, U: Array) -> float:
         xp = self.xp
         total = 0.0
@@ -307,6 +315,43 @@ class _PairObjective:
             X = xp.matmul(Ui, xp.permute_dims(Uj, (0, 2, 1)))
             total += float(xp.sum(g.affinity.score(X)))
         return total
+
+
+class _LocalPairAffinity(Affinity):
+    """``K_i`` with ``F(U_i) = vec(U_i)^T K_i vec(U_i) + const`` for all graphs ``i`` at once.
+
+    ``F`` is quadratic in each ``U_i`` with the others fixed, so ``K_i vec(Y)`` (symmetrised) is
+    half the gradient of ``F`` at ``U_i = Y``: for each pair ``(i, j)`` the operator is applied
+    to ``Y_i U_j^T`` and to ``U_i Y_j^T``, and the results are pulled back through ``U_j``.
+    """
+
+    def __init__(self, obj: _PairObjective, U: Array):
+        self.obj, self.U = obj, U
+        self.xp, self.dtype, self.device = obj.xp, U.dtype, backend.device(U)
+        self.batch, self.n1max, self.n2max = U.shape
+
+    def matvec(self, Y: Array) -> Array:
+        xp, obj, U = self.xp, self.obj, self.U
+        m, r, d = U.shape
+        Y = xp.astype(Y, U.dtype)
+        out = xp.zeros_like(U)
+        for g in obj.groups:
+            Ui, Uj = obj._sides(U, g)
+            Yi, Yj = obj._sides(Y, g)
+            Gi = g.affinity.gradient(xp.matmul(Yi, xp.permute_dims(Uj, (0, 2, 1))))
+            Gj = g.affinity.gradient(xp.matmul(Ui, xp.permute_dims(Yj, (0, 2, 1))))
+            gi = obj._pad(xp.matmul(Gi, Uj))
+            gj = obj._pad(xp.matmul(xp.permute_dims(Gj, (0, 2, 1)), Ui))
+            P = gi.shape[0]
+            out = out + xp.reshape(xp.matmul(g.E_I, xp.reshape(gi, (P, r * d))), (m, r, d))
+            out = out + xp.reshape(xp.matmul(g.E_J, xp.reshape(gj, (P, r * d))), (m, r, d))
+        return 0.5 * out
+
+    rmatvec = matvec
+    symmetric = True
+
+    def entry_bounds(self) -> tuple[float, float]:
+        raise NotImplementedError("entry bounds of a graph-vs-others operator are not known")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +367,7 @@ def gamgm(
     *,
     quad_weight: float = 1.0,
     init: Any = "rrwm",
-    init_pairs: str = "star",
+    init_pairs: str = "auto",
     tau0: float = 0.05,
     tau_min: float = 1e-3,
     decay: float = 0.5,
@@ -469,9 +514,11 @@ def gamgm(
     obj = _KBObjective(A, supW, opts["quad_weight"], xp=xp)
 
     def pairwise(method: str) -> Array:
-        return _pairwise_kb(
-            A, Wbar, ns_np, opts["quad_weight"], method, pairs=opts["init_pairs"], xp=xp
-        )
+        pairs = opts["init_pairs"]
+        if pairs == "auto":  # all pairs unless their cost (pairs x n^2) is large
+            pairs = "all" if m * (m - 1) // 2 * n * n <= AUTO_PAIRS_BUDGET else "star"
+        Xb = _pairwise_kb(A, Wbar, ns_np, opts["quad_weight"], method, pairs=pairs, xp=xp)
+        return Xb, pairs == "star"
 
     return _run(obj, ns_np, n, d, opts, pairwise, caller, start, xp=xp, dtype=dtype, device=dev)
 
@@ -579,7 +626,8 @@ def gamgm_affinity(
     obj = _PairObjective(groups, len(ns_np), nrow, xp=xp, dtype=dtype, device=dev)
 
     def pairwise(method: str) -> Array:
-        return _pairwise_groups(groups, len(ns_np), nrow, method, xp=xp, dtype=dtype, device=dev)
+        Xb = _pairwise_groups(groups, len(ns_np), nrow, method, xp=xp, dtype=dtype, device=dev)
+        return Xb, False
 
     return _run(obj, ns_np, nrow, d, opts, pairwise, caller, start, xp=xp, dtype=dtype, device=dev)
 
@@ -615,8 +663,8 @@ def synchronize(
     -------
     MultiMatchResult
         Cycle-consistent ``U``; ``score`` is the agreement ``sum_{i<j} <X_ij, U_i U_j^T>`` with
-        the input, and ``info["eigenvalues"]`` holds the top ``d + 1`` eigenvalues (a gap after
-        the ``d``-th says the input was nearly consistent).
+        the input, and ``info["eigenvalues"]`` holds the top ``d`` eigenvalues (for consistent
+        input: how many graphs hold each universe node).
 
     Notes
     -----
@@ -767,7 +815,7 @@ def _run(
 ) -> MultiMatchResult:
     m = ns.shape[0]
     tau0, tau_min, decay = opts["tau0"], opts["tau_min"], opts["decay"]
-    max_inner, sk_iter, tol, step = opts["max_inner"], opts["sk_iter"], opts["tol"], opts["step"]
+    max_inner, tol = opts["max_inner"], opts["tol"]
     sweeps, init = opts["hungarian_sweeps"], opts["init"]
     mask_np = np.zeros((m, nrow, d), dtype=bool)
     for i in range(m):
@@ -775,38 +823,29 @@ def _run(
     mask = backend.asarray_on(mask_np, xp=xp, device=device)
     square = backend.asarray_on((ns == d)[:, None, None], xp=xp, device=device)
 
-    # Start (pairwise matchings + synchronisation, a given U, or uniform).
-    init_name, U0_hard = _initial(
+    # Starts (pairwise matchings + synchronisation, a given U, or uniform).
+    init_name, starts = _initial(
         init, pairwise, ns, nrow, d, opts.get("rng"), caller, xp=xp, dtype=dtype, device=device
     )
-    if U0_hard is not None:
-        U = U0_hard
-    else:
+    if not starts:
         gen = backend.rng_from(opts.get("rng"), caller=caller)
         u = np.where(mask_np, 1.0 / d + gen.random((m, nrow, d)) * 1e-3, 0.0)
-        U = xp.astype(backend.asarray_on(u, xp=xp, device=device), dtype)
+        starts = [(xp.astype(backend.asarray_on(u, xp=xp, device=device), dtype), False)]
 
-    # Graduated assignment: all graphs at once (Algorithm 1 of [2], in the universe form).
+    # Graduated assignment from each start: all graphs at once (Algorithm 1 of [2], in the
+    # universe form); the best rounded answer (or hard start) goes on to the Hungarian phase.
     stages = max(1, math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9) + 1)
-    history: list[dict[str, Any]] = []
-    n_iter, change = 0, float("inf")
-    for stage in range(stages):
-        tau = tau0 * decay**stage
-        inner = 0
-        for inner in range(1, max_inner + 1):
-            G = normalise(obj.grad(U), xp=xp)
-            log_U, _, _ = sinkhorn_log(
-                G / tau, mask=mask, square=square, max_iter=sk_iter, tol=1e-6, xp=xp
-            )
-            U_new = xp.exp(log_U)
-            if step < 1.0:
-                U_new = step * U_new + (1.0 - step) * U
-            change = float(xp.max(xp.abs(U_new - U)))
-            U = U_new
-            n_iter += 1
-            if change < tol:
-                break
-        history.append({"tau": tau, "inner": inner, "change": change, "score": obj.score(U)})
+    runs = []
+    n_iter = 0
+    for U0, hard in starts:
+        U, history, n_it, change = _anneal(obj, U0, mask, square, stages, opts, xp=xp)
+        n_iter += n_it
+        U_hard = _round(U, ns, xp=xp)
+        runs.append((obj.score(U_hard), U_hard, U, history, change, "annealed"))
+        if hard:
+            runs.append((obj.score(U0), U0, U, history, change, "start"))
+    best = max(range(len(runs)), key=lambda k: runs[k][0])
+    score, U_hard, soft, history, change, picked = runs[best]
     converged = change < tol
     if not converged:
         warn_not_converged(
@@ -815,19 +854,14 @@ def _run(
             stacklevel=4,
         )
 
-    # Hungarian phase: rounding, then graph-by-graph improvement sweeps.
-    soft = U
-    refine = _consensus_sweeps if isinstance(obj, _KBObjective) else _hungarian_sweeps
-    U_hard = _round(U, ns, xp=xp)
-    score = obj.score(U_hard)
-    info: dict[str, Any] = {"history": history, "init": init_name, "annealed_score": score}
-    if U0_hard is not None:
-        U0_hard = _round(U0_hard, ns, xp=xp)
-        s0 = obj.score(U0_hard)
-        info["init_score"] = s0
-        if s0 > score:  # annealing lost to its start: refine the start instead
-            U_hard, score = U0_hard, s0
-            info["kept_init"] = True
+    # Hungarian phase: graph-by-graph improvement sweeps from the best rounded answer.
+    refine = _consensus_sweeps if isinstance(obj, _KBObjective) else _pair_sweeps
+    info: dict[str, Any] = {
+        "history": history,
+        "init": init_name,
+        "candidates": [(r[5], r[0]) for r in runs],
+        "picked": picked,
+    }
     U_hard, score, used = refine(obj, U_hard, ns, sweeps, xp=xp)
     info["refine_sweeps"] = used
     return MultiMatchResult(
@@ -842,6 +876,33 @@ def _run(
     )
 
 
+def _anneal(
+    obj: Any, U: Array, mask: Array, square: Array, stages: int, opts: dict[str, Any], *, xp: Any
+) -> tuple[Array, list[dict[str, Any]], int, float]:
+    """The annealing loop: ``U <- (1 - step) U + step sinkhorn(G(U) / tau)``, tau decaying."""
+    tau0, decay, tol, step = opts["tau0"], opts["decay"], opts["tol"], opts["step"]
+    history: list[dict[str, Any]] = []
+    n_iter, change = 0, float("inf")
+    for stage in range(stages):
+        tau = tau0 * decay**stage
+        inner = 0
+        for inner in range(1, opts["max_inner"] + 1):
+            G = normalise(obj.grad(U), xp=xp)
+            log_U, _, _ = sinkhorn_log(
+                G / tau, mask=mask, square=square, max_iter=opts["sk_iter"], tol=1e-6, xp=xp
+            )
+            U_new = xp.exp(log_U)
+            if step < 1.0:
+                U_new = step * U_new + (1.0 - step) * U
+            change = float(xp.max(xp.abs(U_new - U)))
+            U = U_new
+            n_iter += 1
+            if change < tol:
+                break
+        history.append({"tau": tau, "inner": inner, "change": change, "score": obj.score(U)})
+    return U, history, n_iter, change
+
+
 def _initial(
     init: Any,
     pairwise: Any,
@@ -854,7 +915,8 @@ def _initial(
     xp: Any,
     dtype: Any,
     device: Any,
-) -> tuple[str, Array | None]:
+) -> tuple[str, list[tuple[Array, bool]]]:
+    """Starts ``(U, is_hard)``: pairwise + synchronisation (and the star), or the given one."""
     m = ns.shape[0]
     if isinstance(init, str):
         if init not in INITS:
@@ -862,12 +924,20 @@ def _initial(
 
             check_choice(init, "init", caller, INITS)
         if init == "uniform":
-            return "uniform", None
+            return "uniform", []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pairwise non-convergence is fine for a start
-            Xb = pairwise(init)
+            Xb, star_only = pairwise(init)
         U, _ = _sync_blocks(Xb, ns, d, xp=xp)
-        return f"{init}+synchronize", U
+        starts = [(U, True)]
+        if not star_only:  # also the star around the largest graph, read off the same pairs
+            ref = int(np.argmax(ns))
+            touch = np.zeros((m, m), dtype=bool)
+            touch[ref, :] = touch[:, ref] = True
+            keep = backend.asarray_on(touch[:, :, None, None], xp=xp, device=device)
+            U_star, _ = _sync_blocks(xp.where(keep, Xb, xp.zeros_like(Xb)), ns, d, xp=xp)
+            starts.append((U_star, True))
+        return f"{init}+synchronize", starts
     if isinstance(init, MultiMatchResult):
         if not np.array_equal(init.ns, ns) or init.n_univ != d:
             raise ValueError(
@@ -899,7 +969,9 @@ def _initial(
         z = xp.zeros((m, nrow - want[1], d), dtype=dtype, device=device)
         U0 = xp.concat([U0, z], axis=1)
     mask = backend.asarray_on(_row_mask(ns, nrow)[:, :, None], xp=xp, device=device)
-    return "given", xp.where(mask, U0, xp.zeros_like(U0))
+    U0 = xp.where(mask, U0, xp.zeros_like(U0))
+    hard = bool(xp.all((U0 == 0) | (U0 == 1)))
+    return "given", [(U0, hard)]
 
 
 def _round(U: Array, ns: np.ndarray, *, xp: Any) -> Array:
@@ -957,7 +1029,10 @@ def _sync_blocks(Xb: Array, ns: np.ndarray, d: int, *, xp: Any) -> tuple[Array, 
     Z = xp.reshape(xp.permute_dims(B, (0, 2, 1, 3)), (N, N))
     Z = 0.5 * (Z + xp.permute_dims(Z, (1, 0)))
     V, ev = _top_eigenvectors(Z, d, start_block=int(np.argmax(ns)), block=r, xp=xp)
-    U = _project_universe(backend.to_numpy(V).astype(np.float64).reshape(m, r, d), ns, d)
+    # rows of V sqrt(lambda) are node embeddings whose inner products fit Z (1: same universe
+    # node); the weights silence directions with no support (d > the nodes any graph shares)
+    emb = backend.to_numpy(V).astype(np.float64) * np.sqrt(np.maximum(ev, 0.0))[None, :]
+    U = _project_universe(emb.reshape(m, r, d), ns, d)
     return backend.from_numpy(U, like=Xb), ev
 
 
@@ -1526,7 +1601,6 @@ def _consensus_sweeps(
     against the current others, keeping the change when ``F`` grows.
     """
     from .local import two_opt
-    from .rrwm import rrwm
 
     best = obj.score(U)
     m = U.shape[0]
@@ -1536,14 +1610,14 @@ def _consensus_sweeps(
         improved = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # proposals need not converge
-            proposals = rrwm(obj.local_problems(U, ns)).X
+            local = obj.local_problems(U, ns)
+            proposals = [solver(local).X for solver in _proposers()]
         for i in range(m):
             n_i = int(ns[i])
             prob = obj.local_problem(U, i, n_i)
-            cur = U[i, :n_i, :]
-            prop = proposals[i, :n_i, :]
-            s_prop, s_cur = (float(prob.score(x[None, ...])[0]) for x in (prop, cur))
-            new = two_opt(prob, x0=prop if s_prop > s_cur else cur).X
+            starts = [U[i, :n_i, :]] + [P[i, :n_i, :] for P in proposals]
+            scores = [float(prob.score(x[None, ...])[0]) for x in starts]
+            new = two_opt(prob, x0=starts[int(np.argmax(scores))]).X
             cand = _replace_graph(U, i, new, xp=xp)
             s = obj.score(cand)
             if s > best + 1e-9 * max(1.0, abs(best)):
@@ -1551,6 +1625,45 @@ def _consensus_sweeps(
         if not improved:
             break
     return U, best, used
+
+
+def _pair_sweeps(
+    obj: _PairObjective, U: Array, ns: np.ndarray, sweeps: int, *, xp: Any
+) -> tuple[Array, float, int]:
+    """Re-match each graph to the others (GA proposals on :meth:`local_problems`, kept when
+    ``F`` grows), then linearised Hungarian sweeps; repeated while either improves ``F``."""
+    from .ga import ga
+
+    best = obj.score(U)
+    used = 0
+    for _ in range(max(sweeps, 1) if sweeps else 0):
+        used += 1
+        improved = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proposals = ga(obj.local_problems(U, ns)).X
+        for i in range(U.shape[0]):
+            cand = _replace_graph(U, i, proposals[i, : int(ns[i]), :], xp=xp)
+            s = obj.score(cand)
+            if s > best + 1e-9 * max(1.0, abs(best)):
+                U, best, improved = cand, s, True
+        U, s, _ = _hungarian_sweeps(obj, U, ns, sweeps, xp=xp)
+        if s > best + 1e-9 * max(1.0, abs(best)):
+            best, improved = s, True
+        if not improved:
+            break
+    return U, best, used
+
+
+def _proposers() -> list[Any]:
+    """Pairwise solvers that propose a new ``U_i`` for every graph (light settings)."""
+    from .ga import ga
+    from .rrwm import rrwm
+
+    def ga_light(problem: Problem) -> Any:
+        return ga(problem, tau0=0.05, tau_min=0.005, decay=0.4, max_inner=5, sk_iter=30)
+
+    return [rrwm, ga_light]
 
 
 def _replace_graph(U: Array, i: int, Ui: Array, *, xp: Any) -> Array:

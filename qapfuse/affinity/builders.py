@@ -533,7 +533,7 @@ def _check_budget(g: _Graphs, itemsize: int, max_bytes: int | None, caller: str)
 
 def _node_matrix(g: _Graphs, kn: Kernel, caller: str) -> Array:
     """Node affinities (b, n1max, n2max) float64, zero outside each instance's valid block."""
-    xp, b = g.xp, g.batch
+    b = g.batch
     F1, F2 = g.g1.node, g.g2.node
     if g.torch:
         torch = backend._torch()
@@ -555,7 +555,6 @@ def _node_matrix(g: _Graphs, kn: Kernel, caller: str) -> Array:
             kn.sigma,
         )
         out[k, :m1, :m2] = block
-    del xp
     return out
 
 

@@ -207,6 +207,7 @@ class EdgeFactorAffinity(Affinity):
         dev = None
         if is_torch:
             dev = (g.g1.node if g.has_node else g.g1.conn[0]).device
+        sym = _symmetric_graphs(g)
         factors, n_terms, err = [], [], 0.0
         L = None
         if node is not None:
@@ -271,7 +272,6 @@ class EdgeFactorAffinity(Affinity):
                 _stack_rows(P1, c1, n1max, T, dt, dev, is_torch),
                 _stack_cols(P2, c2, n2max, T, dt, dev, is_torch),
             ]
-            sym = _symmetric_graphs(g)
             if sym:
                 fac += [None, None]
             else:
@@ -297,7 +297,7 @@ class EdgeFactorAffinity(Affinity):
             kernel=ke,
             n_terms=n_terms,
             error_bound=err,
-            symmetric=_symmetric_graphs(g),
+            symmetric=sym,
             bounds=(lo, hi),
         )
 

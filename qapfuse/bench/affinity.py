@@ -198,13 +198,15 @@ def _work_e2e(spec: dict[str, Any]) -> dict[str, Any]:
     from ..solvers.partial import match_with_outliers
 
     def make(n: int, seed: int) -> Any:
+        # jitter scales with the mean edge length (~ n^-1/2): the same difficulty at every n
         o = max(n // 10, 1)
+        noise = 0.002 * (1000 / n) ** 0.5
         return point_pair(
-            n, noise=0.002, outliers1=o, outliers2=o, node_feat_dim=16, node_noise=1.0, rng=seed
+            n, noise=noise, outliers1=o, outliers2=o, node_feat_dim=16, node_noise=1.0, rng=seed
         )
 
     kw = dict(
-        edge_aff=gaussian_kernel(spec["sigma"]),
+        edge_aff=gaussian_kernel(spec["sigma"] * 1000 / spec["n"]),
         node_aff=gaussian_kernel(16.0),
         threshold=spec["threshold"],
     )
@@ -426,9 +428,10 @@ def _write(args: Any, argv: list[str], rows: list[dict[str, Any]], e2e: list[dic
     )
     md += ["", "## End to end: Delaunay graphs with outliers", ""]
     md.append(
-        "Inliers n (uniform points, graph 2 rotated with jitter 0.002), plus n/10 uniform "
-        "outliers on each side; Delaunay edges, edge feature = length. Sparse K, float32: "
-        "Gaussian edge kernel sigma = 2e-5 with `threshold=1e-2` (edge pairs below 0.01 "
+        "Inliers n (uniform points, graph 2 rotated with jitter 0.002 sqrt(1000/n), i.e. "
+        "proportional to the mean edge length), plus n/10 uniform outliers on each side; "
+        "Delaunay edges, edge feature = length. Sparse K, float32: Gaussian edge kernel "
+        "sigma = 2e-5 * 1000/n with `threshold=1e-2` (edge pairs below 0.01 "
         "dropped), Gaussian node kernel sigma = 16 on 16-d descriptors (noise 1.0). Solver: "
         "`match_with_outliers` (graduated assignment with slack 0.05; tau 0.5 -> 0.02, decay "
         "0.5, 3 steps per stage, 20 Sinkhorn iterations) and a partial Hungarian rounding. "

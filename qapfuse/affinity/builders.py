@@ -130,7 +130,7 @@ def _check_graphs(
         elif x.ndim == nd + 1:
             this = True
         else:
-            shape = "(ne, 2)" if name.startswith("conn") else "(n, d)" if nd == 2 else ""
+            shape = {"c": "(ne, 2)", "e": "(ne, d)"}.get(name[0], "(n, d)")
             raise ValueError(
                 f"`{name}` in {caller} must have shape {shape} or with a batch axis "
                 f"(b, {shape[1:]}; got shape {tuple(x.shape)}."

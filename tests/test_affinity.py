@@ -388,3 +388,14 @@ def test_sparse_threshold_drops_only_small_edge_entries(edge):
         build_aff_mat(*_args(d), threshold=0.1)
     with pytest.raises(ValueError, match="'threshold' parameter of build_aff_mat"):
         build_aff_mat(*_args(d), format="sparse", threshold=-1.0)
+
+
+def test_float32_gaussian_uses_single_precision_exp_within_1e6():
+    d = _batch(seed=12)
+    kw = dict(node_aff=gaussian_kernel(1.0), edge_aff=gaussian_kernel(0.5))
+    K64 = build_aff_mat(*_args(d), dtype="float64", **kw)
+    K32 = build_aff_mat(*_args(d), **kw)
+    Ks32 = build_aff_mat(*_args(d), format="sparse", **kw)
+    assert K32.dtype == np.float32 and Ks32[0].dtype == np.float32
+    np.testing.assert_allclose(K32, K64, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(Ks32[2].toarray(), K64[2], rtol=1e-6, atol=1e-7)

@@ -647,6 +647,8 @@ def _build(
     ek = ke if g.has_edge else Kernel("inner_product")  # no edges: only the node diagonal
     _, dense_fill, sparse_fill, sparse_count = _numba_kernels(ek, caller, "edge_aff")
     thr = float(threshold)
+    # float32 storage: the Gaussian's exp in single precision (relative error ~1e-7)
+    kind = 2 if ek.kind == 1 and np.dtype(dt) == np.float32 else ek.kind
     cut = ke.sigma * math.log(1.0 / thr) if thr > 0 else 0.0
     nd = np.zeros((1, 1, 1), np.float64) if node is None else node
     if format == "dense":
@@ -666,7 +668,7 @@ def _build(
                 int(g.g1.n[k]),
                 int(g.g2.n[k]),
                 n1max,
-                ke.kind,
+                kind,
                 ke.sigma,
             )
         return out
@@ -689,7 +691,7 @@ def _build(
             m1,
             m2,
             n1max,
-            ek.kind,
+            kind,
             ek.sigma,
             thr,
             cut,
@@ -716,7 +718,7 @@ def _build(
             m1,
             m2,
             n1max,
-            ek.kind,
+            kind,
             ek.sigma,
             thr,
             cut,

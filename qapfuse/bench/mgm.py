@@ -413,6 +413,7 @@ def run(argv: list[str]) -> int:
                 for n in args.n:
                     for trial in range(args.trials):
                         rows += _rows_for(case, m, n, trial, args)
+                    write_report(rows, args, command, info)  # partial results survive
     csv_path, md_path = write_report(rows, args, command, info)
     log.info("mgm: wrote %s and %s", csv_path, md_path)
     return 0

@@ -385,8 +385,18 @@ def gamgm(
     construction). All ``U_i`` are updated together: ``U_i <- sinkhorn(G_i / tau)`` with
     ``G_i = dF/dU_i = sum_{j != i} (quad_weight (A_i X_ij A_j^T + A_i^T X_ij A_j) + Wbar_ij) U_j``
     scaled to ``max |G_i| = 1``, computed for all graphs at once in O(m n^2 d). The temperature
-    ``tau`` is annealed from `tau0` to `tau_min`; the soft result is rounded by the Hungarian
-    method, then improved by Hungarian sweeps (one graph at a time, kept only if ``F`` grows).
+    ``tau`` is annealed from `tau0` to `tau_min` (each step damped by `step`); the soft result
+    is rounded by the Hungarian method. The Hungarian phase then improves one graph at a time:
+    with the others fixed, ``F`` as a function of ``U_i`` is itself a Koopmans--Beckmann
+    problem between ``A_i`` and the aligned sum of the other graphs
+    ``R_i = sum_{j != i} U_j^T A_j U_j`` (their noise averages out), which is solved by RRWM
+    and GA (proposals) and polished by 2-opt; a change is kept only when ``F`` grows.
+
+    The start matters: from a uniform start with ``W = 0`` the update sits at the symmetric
+    saddle (all ``U_i`` uniform), which is why pygmtools' ``gamgm`` matches few nodes without
+    node similarities. The default start solves graph pairs with RRWM and synchronises them
+    (:func:`synchronize`); the annealing runs from that and from the star around the largest
+    graph, and the better rounded answer goes on to the Hungarian phase.
 
     Parameters
     ----------
@@ -404,8 +414,9 @@ def gamgm(
     quad_weight : float >= 0
         Weight of the edge (quadratic) term.
     init : {"rrwm", "ga", "uniform"}, MultiMatchResult or array of shape (m, n, d)
-        Start. ``"rrwm"``/``"ga"``: pairwise matching of every pair (qapfuse's
-        :func:`~qapfuse.rrwm` / :func:`~qapfuse.ga`, matrix-free), then :func:`synchronize`.
+        Start. ``"rrwm"``/``"ga"``: pairwise matching of graph pairs (qapfuse's
+        :func:`~qapfuse.rrwm` / :func:`~qapfuse.ga`, matrix-free, all pairs in one batch),
+        then :func:`synchronize`.
         ``"uniform"``: ``1/d`` plus a small random perturbation from `rng` (pygmtools' start;
         it can stall at the symmetric saddle when ``W`` carries no information). A result or an
         array is used as given (e.g. from :func:`synchronize`).
@@ -419,8 +430,15 @@ def gamgm(
         Sinkhorn iterations per projection.
     tol : float > 0
         Largest entry change of ``U`` that ends a temperature stage.
+    step : float in (0, 1]
+        Damping of the annealing update, ``U <- (1 - step) U + step sinkhorn(G / tau)``
+        (simultaneous updates of all graphs can oscillate without it).
     hungarian_sweeps : int >= 0
-        Sweeps of the final Hungarian phase (0: plain rounding).
+        Most sweeps over the graphs in the Hungarian phase (0: plain rounding).
+    init_pairs : {"auto", "all", "star"}
+        Pairs solved for the pairwise start: all ``m (m - 1) / 2`` of them, or the ``m - 1``
+        pairs with the largest graph (faster, less robust at high noise). ``"auto"``: all when
+        ``m (m - 1) / 2 * n^2 <= 100000`` (the pairwise stage's cost), else the star.
     rng : None, int, numpy.random.Generator or torch.Generator
         Randomness of the ``"uniform"`` start. Same seed and backend, same answer.
 
@@ -567,8 +585,11 @@ def gamgm_affinity(
         Graph sizes. Default: read from `K` (every graph must appear in some pair).
     n_univ : int, optional
         Universe size ``d >= max(ns)``, as in :func:`gamgm`.
-    init, tau0, tau_min, decay, max_inner, sk_iter, tol, hungarian_sweeps, rng
+    init, tau0, tau_min, decay, max_inner, sk_iter, tol, step, hungarian_sweeps, rng
         As in :func:`gamgm`; ``"rrwm"``/``"ga"`` solve every pair with that solver first.
+        The Hungarian phase re-matches each graph to the others through the operators
+        (GA proposals on ``F(U_i)``, which is quadratic in ``U_i`` with the others fixed),
+        then runs linearised Hungarian sweeps; changes are kept when ``F`` grows.
 
     Returns
     -------
@@ -642,11 +663,14 @@ def synchronize(
 
     The pairwise matchings form a symmetric block matrix ``Z`` (block ``(i, j)`` is ``X_ij``,
     diagonal blocks identities). For consistent matchings ``Z = U U^T`` has rank ``d``; for
-    noisy ones its top ``d`` eigenvectors ``V`` (``(sum n_i) x d``) are the best rank-``d``
-    fit. The rows ``V_i`` of each graph are then projected to a universe matching by the
-    Hungarian method against running centroids of the universe nodes (graphs taken from the
-    largest down, then two leave-one-out refinement passes); a row far from every centroid
-    (similarity below 1/2) opens a new universe node while any is free, so partial graphs work.
+    noisy ones its top ``d`` eigenpairs ``V, Lambda`` give the best rank-``d`` fit
+    ``Z ~ (V Lambda^{1/2}) (V Lambda^{1/2})^T`` (found by subspace iteration started from the
+    largest graph's block column). The rows of ``V Lambda^{1/2}`` (node embeddings) of each
+    graph are then projected to a universe matching by the Hungarian method against running
+    centroids of the universe nodes (graphs taken from the largest down, then two
+    leave-one-out refinement passes); a row far from every centroid (similarity below 1/2)
+    opens a new universe node while any is free, so partial graphs work. Missing pairs (zero
+    blocks in an array input) are tolerated by the algebra but not by the mapping input.
 
     Parameters
     ----------
@@ -838,6 +862,10 @@ def _run(
     runs = []
     n_iter = 0
     for U0, hard in starts:
+        if hard and _is_fixed_point(obj, U0, ns, xp=xp):
+            # the cold update maps this start to itself: annealing would only return to it
+            runs.append((obj.score(U0), U0, U0, [], 0.0, "start (fixed point)"))
+            continue
         U, history, n_it, change = _anneal(obj, U0, mask, square, stages, opts, xp=xp)
         n_iter += n_it
         U_hard = _round(U, ns, xp=xp)
@@ -876,6 +904,11 @@ def _run(
     )
 
 
+def _is_fixed_point(obj: Any, U: Array, ns: np.ndarray, *, xp: Any) -> bool:
+    """Whether the Hungarian projection of ``G(U)`` gives back the hard ``U`` (every graph)."""
+    return bool(xp.all(_round(obj.grad(U), ns, xp=xp) == U))
+
+
 def _anneal(
     obj: Any, U: Array, mask: Array, square: Array, stages: int, opts: dict[str, Any], *, xp: Any
 ) -> tuple[Array, list[dict[str, Any]], int, float]:
@@ -889,7 +922,7 @@ def _anneal(
         for inner in range(1, opts["max_inner"] + 1):
             G = normalise(obj.grad(U), xp=xp)
             log_U, _, _ = sinkhorn_log(
-                G / tau, mask=mask, square=square, max_iter=opts["sk_iter"], tol=1e-6, xp=xp
+                G / tau, mask=mask, square=square, max_iter=opts["sk_iter"], tol=1e-5, xp=xp
             )
             U_new = xp.exp(log_U)
             if step < 1.0:
@@ -1596,22 +1629,27 @@ def _consensus_sweeps(
 
     For graph ``i`` the objective is a Koopmans--Beckmann problem between ``A_i`` and the
     aligned sum ``R_i`` of the other graphs (:meth:`_KBObjective.local_problems`), whose noise
-    averages out. Each sweep solves all ``m`` of them at once by RRWM (proposals), then, one
-    graph at a time, runs 2-opt from the better of the proposal and the current ``U_i``
-    against the current others, keeping the change when ``F`` grows.
+    averages out. A sweep runs 2-opt on each graph in turn against the current others,
+    from the best of the current ``U_i`` and, in the first sweep and whenever 2-opt alone is
+    stuck (at most twice), proposals for all graphs from RRWM and a short GA (one batch each);
+    a change is kept when ``F`` grows.
     """
     from .local import two_opt
 
     best = obj.score(U)
     m = U.shape[0]
     used = 0
+    want_proposals, proposal_sweeps = True, 0
     for _ in range(sweeps):
         used += 1
         improved = False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # proposals need not converge
-            local = obj.local_problems(U, ns)
-            proposals = [solver(local).X for solver in _proposers()]
+        proposals = []
+        if want_proposals:  # the costly part: only first, and when 2-opt alone is stuck
+            proposal_sweeps += 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # proposals need not converge
+                local = obj.local_problems(U, ns)
+                proposals = [solver(local).X for solver in _proposers()]
         for i in range(m):
             n_i = int(ns[i])
             prob = obj.local_problem(U, i, n_i)
@@ -1622,7 +1660,11 @@ def _consensus_sweeps(
             s = obj.score(cand)
             if s > best + 1e-9 * max(1.0, abs(best)):
                 U, best, improved = cand, s, True
-        if not improved:
+        if improved:
+            want_proposals = False
+        elif not want_proposals and proposal_sweeps < 2:
+            want_proposals = True
+        else:
             break
     return U, best, used
 

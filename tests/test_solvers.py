@@ -290,3 +290,14 @@ def test_bad_options_are_named(kwargs, exc, match):
 def test_solve_refuses_non_problem():
     with pytest.raises(TypeError, match=r"'problem' parameter of solve must be a qapfuse.Problem"):
         solve(np.eye(4))
+
+
+def test_ga_ignores_a_constant_added_to_k_and_its_scale():
+    rng = np.random.default_rng(12)
+    A, B = rng.random((8, 8)), rng.random((8, 8))
+    p = Problem.koopmans_beckmann(A, B, sense="min")
+    K = p.to_dense()[0]
+    shifted = Problem.from_dense(3.0 * (K - K.min()) + 5.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        np.testing.assert_array_equal(ga(shifted).X, ga(p).X)

@@ -130,9 +130,20 @@ def hard_projection(problem: Problem, S: Array) -> Array:
     return backend.from_numpy(X, like=S)
 
 
-def normalise(G: Array, *, xp: Any) -> Array:
-    """Scale each instance of `G` (b, r, c) by its largest absolute entry (0 stays 0)."""
-    m = xp.max(xp.abs(G), axis=(1, 2), keepdims=True)
+def normalise(G: Array, *, xp: Any, mask: Array | None = None) -> Array:
+    """Scale each instance of `G` (b, r, c) to unit size (an all-zero instance stays 0).
+
+    Without `mask` the size is the largest absolute entry. With `mask` (bool, same shape) it
+    is the range ``max - min`` over the valid entries, which a constant shift of ``G`` (a
+    constant added to ``K``, e.g. a rescaled cost) does not change: Sinkhorn ignores such
+    shifts, and so then does the temperature.
+    """
+    if mask is None:
+        m = xp.max(xp.abs(G), axis=(1, 2), keepdims=True)
+    else:
+        hi = xp.max(xp.where(mask, G, xp.full_like(G, -xp.inf)), axis=(1, 2), keepdims=True)
+        lo = xp.min(xp.where(mask, G, xp.full_like(G, xp.inf)), axis=(1, 2), keepdims=True)
+        m = xp.where(hi > lo, hi - lo, xp.zeros_like(hi))
     return G / xp.where(m > 0, m, xp.ones_like(m))
 
 

@@ -43,17 +43,18 @@ def ga(
     r"""Graduated assignment: maximise ``vec(X)^T K vec(X)`` by annealed Sinkhorn steps.
 
     At temperature ``tau`` the soft matching moves a fraction `step` of the way to
-    ``sinkhorn(G / tau)``, with ``G = (K + K^T) vec(X)`` scaled to ``max |G| = 1``, until it
-    changes by less than `tol` (at most `max_inner` times); then ``tau`` is multiplied by
-    `decay`, from `tau0` down to `tau_min`. The last soft matching is rounded by the
-    Hungarian method.
+    ``sinkhorn(G / tau)``, with ``G = (K + K^T) vec(X)`` scaled to unit range
+    (``max G - min G = 1`` over the valid pairs, so adding a constant to ``K`` changes
+    nothing), until it changes by less than `tol` (at most `max_inner` times); then ``tau``
+    is multiplied by `decay`, from `tau0` down to `tau_min`. The last soft matching is
+    rounded by the Hungarian method.
 
     Parameters
     ----------
     problem : Problem
         Affinity operator for graphs with ``n1 <= n2`` nodes (batched: ``b`` pairs).
     tau0, tau_min : float > 0
-        First and last temperature, relative to the largest gradient entry.
+        First and last temperature, relative to the range of the gradient.
     decay : float in (0, 1)
         Temperature factor between stages.
     step : float in (0, 1]
@@ -111,7 +112,7 @@ def ga(
     for stage in range(stages):
         tau = tau0 * decay**stage
         for _ in range(max_inner):
-            G = normalise(problem.gradient(X), xp=xp)
+            G = normalise(problem.gradient(X), xp=xp, mask=mask)
             log_P, _, _ = sinkhorn_log(
                 G / tau, mask=mask, square=square, max_iter=sk_iter, tol=1e-6, xp=xp
             )

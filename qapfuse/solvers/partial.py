@@ -136,19 +136,64 @@ def _slack_plan(
 def _scaling_plan(
     L: np.ndarray, log_a: np.ndarray, log_b: np.ndarray, max_iter: int, tol: float
 ) -> tuple[np.ndarray, float] | None:
-    """Sinkhorn-Knopp scaling ``P = diag(u) exp(L - max L) diag(v)``; None if it would underflow."""
-    valid = np.isfinite(L)
-    top = L[valid].max() if valid.any() else 0.0
-    low = L[valid].min() if valid.any() else 0.0
+    """Sinkhorn-Knopp scaling ``P = diag(u) exp(L - max L) diag(v)``; None if it would underflow.
+
+    Everything (range check, ``exp``, scaling, the plan) runs in one compiled kernel: a few
+    passes over ``L`` instead of a dozen numpy temporaries.
+    """
+    L = np.ascontiguousarray(L)
+    a = np.exp(log_a.astype(np.float64))
+    b = np.exp(log_b.astype(np.float64))
+    P = np.empty_like(L)
+    err, ok = _scaling_full(L, a, b, max_iter, tol, P)
+    return (P, err) if ok else None
+
+
+@nb.njit(cache=True)
+def _scaling_full(L, a, b, max_iter, tol, P):  # pragma: no cover - jitted
+    """Range check, kernel ``E = exp(L - max L)`` (float64), scaling, and ``P`` written out.
+
+    Rows/columns without a finite entry get marginal 0. Returns ``(err, ok)``; ``ok`` is
+    False when the scores span more than 700 (float64 underflow) or the scaling overflows.
+    """
+    r, c = L.shape
+    top, low = -np.inf, np.inf
+    for i in range(r):
+        for j in range(c):
+            x = L[i, j]
+            if np.isfinite(x):
+                top = max(top, x)
+                low = min(low, x)
+    if top == -np.inf:
+        P[:, :] = 0.0
+        return 0.0, True
     if top - low > 700.0:
-        return None
-    E = np.exp(np.where(valid, L - top, -np.inf), dtype=np.float64)
-    a = np.where(valid.any(axis=1), np.exp(log_a.astype(np.float64)), 0.0)
-    b = np.where(valid.any(axis=0), np.exp(log_b.astype(np.float64)), 0.0)
-    u, v, err = _scaling_kernel(np.ascontiguousarray(E), a, b, max_iter, tol)
-    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
-        return None
-    return (u[:, None] * E * v[None, :]).astype(L.dtype, copy=False), err
+        return np.inf, False
+    E = np.empty((r, c))
+    row_ok = np.zeros(r, dtype=np.bool_)
+    col_ok = np.zeros(c, dtype=np.bool_)
+    for i in range(r):
+        for j in range(c):
+            x = L[i, j]
+            if np.isfinite(x):
+                E[i, j] = np.exp(x - top)
+                row_ok[i] = True
+                col_ok[j] = True
+            else:
+                E[i, j] = 0.0
+    aa = np.where(row_ok, a, 0.0)
+    bb = np.where(col_ok, b, 0.0)
+    u, v, err = _scaling_kernel(E, aa, bb, max_iter, tol)
+    for i in range(r):
+        if not np.isfinite(u[i]):
+            return err, False
+    for j in range(c):
+        if not np.isfinite(v[j]):
+            return err, False
+    for i in range(r):
+        for j in range(c):
+            P[i, j] = u[i] * E[i, j] * v[j]
+    return err, True
 
 
 @nb.njit(cache=True)

@@ -8,6 +8,12 @@ gm
 qaplib
     The QAPLIB instances: qapfuse methods vs ``scipy.optimize.quadratic_assignment`` and
     pygmtools (:mod:`qapfuse.bench.qaplib`).
+mgm
+    Multi-graph matching: qapfuse ``gamgm`` vs pygmtools' multi-graph solvers
+    (:mod:`qapfuse.bench.mgm`).
+affinity
+    Building affinities vs pygmtools, and graph matching end to end at scale
+    (:mod:`qapfuse.bench.affinity`).
 
 Each suite writes a CSV and a Markdown report (with the command that produced it, the machine
 and the date) into ``--out`` (default ``docs/benchmarks/``). ``--quick`` runs a tiny version
@@ -21,7 +27,7 @@ from collections.abc import Sequence
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("gm", "qaplib")
+SUITES = ("gm", "qaplib", "mgm", "affinity")
 
 log = logging.getLogger("qapfuse.bench")
 
@@ -39,6 +45,10 @@ def main(argv: Sequence[str]) -> int:
         from .gm import run
     elif suite == "qaplib":
         from .qaplib import run
+    elif suite == "mgm":
+        from .mgm import run
+    elif suite == "affinity":
+        from .affinity import run
     else:
         log.error("unknown benchmark suite %r; choose one of %s", suite, ", ".join(SUITES))
         return 2

@@ -481,8 +481,32 @@ def _write(args: Any, argv: list[str], rows: list[dict[str, Any]], e2e: list[dic
         )
     )
     md.append("")
+    md += ["## Targets (issue #3)", "", *_targets(rows, e2e), ""]
     (out / f"{args.name}.md").write_text("\n".join(md), encoding="utf-8")
     log.info("wrote %s", out / f"{args.name}.md")
+
+
+def _targets(rows: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[str]:
+    """One line per target: >= 20x faster and <= 1/4 peak memory at n = 100 (dense graphs),
+    end to end under 10 s and 4 GB at n = 1000 and 2000."""
+    out = []
+    for r in rows:
+        if r["graph"] == "dense" and r["n"] == 100 and r["impl"] == "qf-dense32":
+            sp, mr = r.get("speedup"), r.get("mem_ratio")
+            if sp and mr:
+                ok = "met" if sp >= 20 and mr >= 4 else "not met"
+                out.append(
+                    f"- dense n=100, {r['kernel']}: {sp:.1f}x faster, 1/{mr:.0f} of the peak "
+                    f"memory (target >= 20x, <= 1/4): {ok}"
+                )
+    for r in e2e:
+        if "total_s" in r:
+            ok = "met" if r["total_s"] < 10 and r["peak_rss_mb"] < 4096 else "not met"
+            out.append(
+                f"- end to end n={r['n']}: {r['total_s']:.1f} s, {r['peak_rss_mb']:.0f} MB, "
+                f"F1 {r['f1']:.3f} (target < 10 s, < 4 GB): {ok}"
+            )
+    return out or ["- (no case of the targets was run)"]
 
 
 def _numba_threads() -> str:

@@ -111,8 +111,11 @@ class MultiMatchResult:
     time : float
         Wall-clock seconds.
     info : mapping
-        ``"history"`` (one entry per temperature: ``tau``, inner iterations, soft score),
-        ``"init"``, ``"init_score"``, ``"hungarian_sweeps"``, ...
+        :func:`gamgm`: ``"history"`` (one entry per temperature of the annealing run that was
+        kept: ``tau``, inner iterations, last change, soft score; empty when its start was
+        already a fixed point), ``"init"``, ``"candidates"`` (``(kind, score)`` of each
+        rounded answer and hard start), ``"picked"``, ``"refine_sweeps"``.
+        :func:`synchronize`: ``"eigenvalues"``.
     """
 
     U: Array
@@ -1678,7 +1681,7 @@ def _pair_sweeps(
 
     best = obj.score(U)
     used = 0
-    for _ in range(max(sweeps, 1) if sweeps else 0):
+    for _ in range(sweeps):
         used += 1
         improved = False
         with warnings.catch_warnings():

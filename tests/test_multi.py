@@ -365,3 +365,18 @@ def test_result_indexing_errors():
         res[0, 3]
     with pytest.raises(TypeError, match="Graph indices must be ints"):
         res["a"]
+
+
+def test_bench_mgm_smoke(tmp_path):
+    pytest.importorskip("pygmtools")
+    from qapfuse.bench import mgm
+
+    A, T = mgm.graph_set(4, 5, noise=0.1, outliers=1, rng=0)
+    assert A.shape == (4, 6, 6) and T.shape == (4, 4, 6, 6)
+    assert T[0, 1].sum() == 5  # the outlier has no partner
+    argv = ["--quick", "--out", str(tmp_path), "--cases", "exact", "outliers", "--methods"]
+    code = mgm.run([*argv, "qapfuse gamgm", "qapfuse sync", "--name", "smoke"])
+    assert code == 0
+    text = (tmp_path / "smoke.md").read_text()
+    assert "## outliers" in text and "qapfuse gamgm acc / cons / s" in text
+    assert (tmp_path / "smoke.csv").read_text().count("\n") == 1 + 2 * 2

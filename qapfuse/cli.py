@@ -110,11 +110,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run a benchmark suite (gm, qaplib)",
+        help="run a benchmark suite (gm, qaplib, mgm, affinity)",
         description="Run a benchmark suite; options after SUITE go to the suite itself.",
         add_help=True,
     )
-    bench.add_argument("suite", metavar="SUITE", help="benchmark suite, e.g. gm or qaplib")
+    bench.add_argument(
+        "suite", metavar="SUITE", help="benchmark suite: gm, qaplib, mgm or affinity"
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite")
     return parser
 

@@ -24,6 +24,8 @@ from .ga import ga
 from .ipfp import ipfp
 from .lap import hungarian, sinkhorn
 from .local import tabu, two_opt
+from .multi import MultiMatchResult, consistency, gamgm, gamgm_affinity, synchronize
+from .partial import match_with_outliers, partial_hungarian, sinkhorn_slack
 from .pipeline import auto
 from .result import MatchResult
 from .rrwm import rrwm
@@ -32,14 +34,22 @@ from .sm import sm
 __all__ = [
     "METHODS",
     "MatchResult",
+    "MultiMatchResult",
     "auto",
+    "consistency",
     "ga",
+    "gamgm",
+    "gamgm_affinity",
     "hungarian",
     "ipfp",
+    "match_with_outliers",
+    "partial_hungarian",
     "rrwm",
     "sinkhorn",
+    "sinkhorn_slack",
     "sm",
     "solve",
+    "synchronize",
     "tabu",
     "two_opt",
 ]

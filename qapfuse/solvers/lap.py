@@ -186,14 +186,21 @@ def sinkhorn_log(
     if backend.is_numpy_array(L) and L.dtype == np.float64 and L.ndim == 3:
         # numpy float64: the same iteration as below, compiled (no per-step array overheads)
         out = np.where(mask, L, -np.inf)
-        it, err = _sinkhorn_log_nb(
-            out,
+        args = (
             np.ascontiguousarray(mask, dtype=np.bool_),
             np.ascontiguousarray(np.broadcast_to(square, (L.shape[0], 1, 1))[:, 0, 0]),
             int(max_iter),
             float(tol),
             int(check_every),
         )
+        valid = L[mask]
+        if valid.size and float(valid.max() - valid.min()) <= _SCALING_RANGE:
+            # exp(L) cannot underflow here: iterate on the scaling factors exp(f), exp(g)
+            # (no exp/log per entry and step); the result equals the log-domain one up to
+            # rounding
+            it, err = _sinkhorn_scaling_nb(out, *args)
+        else:
+            it, err = _sinkhorn_log_nb(out, *args)
         return out, it, err
     neg_inf = xp.asarray(-xp.inf, dtype=L.dtype, device=backend.device(L))
     L = xp.where(mask, L, neg_inf)
@@ -211,6 +218,80 @@ def sinkhorn_log(
             if err <= tol:
                 break
     return L + f + g, it, err
+
+
+#: Largest spread of ``L`` (over valid entries) for which the numpy kernel iterates on scaling
+#: factors instead of log potentials: ``exp(-300)`` and its reciprocal are far from float64's
+#: limits.
+_SCALING_RANGE = 300.0
+
+
+@njit(cache=True)
+def _sinkhorn_scaling_nb(
+    L: np.ndarray,
+    mask: np.ndarray,
+    square: np.ndarray,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+) -> tuple[int, float]:  # pragma: no cover - compiled
+    """:func:`_sinkhorn_log_nb` with ``exp(f)``, ``exp(g)`` as the unknowns (small spread of L).
+
+    Row update ``r_i = 1 / sum_j E_ij c_j``, column update ``c_j = 1 / sum_i r_i E_ij`` (capped
+    at 1 unless square), ``E = exp(L - max L)``; an empty row or column keeps factor 1, as a
+    log potential of 0 in the log domain. Overwrites `L` with ``log P``.
+    """
+    b, nr, nc = L.shape
+    E = np.zeros((b, nr, nc))
+    for k in range(b):
+        top = -np.inf
+        for i in range(nr):
+            for j in range(nc):
+                if mask[k, i, j] and L[k, i, j] > top:
+                    top = L[k, i, j]
+        for i in range(nr):
+            for j in range(nc):
+                if mask[k, i, j]:
+                    L[k, i, j] -= top
+                    E[k, i, j] = math.exp(L[k, i, j])
+    rf = np.ones((b, nr))
+    cf = np.ones((b, nc))
+    colsum = np.empty(nc)
+    err = np.inf
+    it = 0
+    for it in range(1, max_iter + 1):
+        for k in range(b):
+            for i in range(nr):
+                tot = 0.0
+                for j in range(nc):
+                    tot += E[k, i, j] * cf[k, j]
+                rf[k, i] = 1.0 / tot if tot > 0.0 else 1.0
+            colsum[:] = 0.0
+            for i in range(nr):
+                for j in range(nc):
+                    colsum[j] += E[k, i, j] * rf[k, i]
+            for j in range(nc):
+                ce = 1.0 / colsum[j] if colsum[j] > 0.0 else 1.0
+                cf[k, j] = ce if square[k] or ce < 1.0 else 1.0
+        if it % check_every == 0 or it == max_iter:
+            err = 0.0
+            for k in range(b):
+                for i in range(nr):
+                    valid = False
+                    tot = 0.0
+                    for j in range(nc):
+                        if mask[k, i, j]:
+                            valid = True
+                        tot += rf[k, i] * E[k, i, j] * cf[k, j]
+                    if valid and abs(tot - 1.0) > err:
+                        err = abs(tot - 1.0)
+            if err <= tol:
+                break
+    for k in range(b):
+        for i in range(nr):
+            for j in range(nc):
+                L[k, i, j] = L[k, i, j] + math.log(rf[k, i]) + math.log(cf[k, j])
+    return it, err
 
 
 @njit(cache=True)

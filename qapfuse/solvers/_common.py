@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +11,7 @@ from .. import backend
 from ..backend import Array
 from ..problem import DenseAffinity, Problem
 from .lap import _hungarian_np
-from .result import MatchResult
+from .result import MatchResult, make_result
 
 __all__ = [
     "check_problem",
@@ -186,21 +185,13 @@ def finish(
     :func:`hard_score`.
     """
     X = problem.xp.astype(X, problem.dtype) if problem.dtype is not None else X
-    if score is None:
-        score = hard_score(problem, X)
-    score = np.asarray(backend.to_numpy(score), dtype=np.float64).reshape(problem.batch)
-    objective = problem.objective_from_score(score)
-    if not problem.batched:
-        X = X[0, ...]
-        soft = None if soft is None else soft[0, ...]
-        score, objective = float(score[0]), float(objective[0])
-    return MatchResult(
-        X=X,
+    return make_result(
+        problem,
+        X,
         soft=soft,
-        score=score,
-        objective=objective,
-        n_iter=int(n_iter),
-        converged=bool(converged),
-        time=time.perf_counter() - start,
-        info=dict(info or {}),
+        n_iter=n_iter,
+        converged=converged,
+        start=start,
+        score=hard_score(problem, X) if score is None else score,
+        info=info,
     )

@@ -80,15 +80,19 @@ def make_result(
     n_iter: int,
     converged: bool,
     start: float,
+    score: Any = None,
     info: Mapping[str, Any] | None = None,
 ) -> MatchResult:
-    """Build a :class:`MatchResult` from batched ``X`` (and ``soft``), scoring ``X`` on `problem`.
+    """Build a :class:`MatchResult` from batched ``X`` (and ``soft``).
 
-    Drops the batch axis when the problem is not batched. `start` is ``time.perf_counter()``
-    at the solver's entry.
+    `score` (shape (b,)) is used when the solver already knows it; otherwise ``X`` is scored
+    on `problem`. Drops the batch axis when the problem is not batched. `start` is
+    ``time.perf_counter()`` at the solver's entry.
     """
     X = problem.xp.astype(X, problem.dtype) if problem.dtype is not None else X
-    score = backend.to_numpy(problem.score(X)).astype(np.float64)
+    if score is None:
+        score = problem.score(X)
+    score = np.asarray(backend.to_numpy(score), dtype=np.float64).reshape(problem.batch)
     objective = problem.objective_from_score(score)
     if not problem.batched:
         X = X[0, ...]

@@ -163,12 +163,13 @@ def _run_method(name: str, A: np.ndarray, args: argparse.Namespace, state: dict[
     import pygmtools as pygm
 
     from ..solvers import multi
+    from ..solvers.multi._pairwise import _pairwise_kb
 
     m, n = A.shape[0], A.shape[1]
     if name == "qapfuse gamgm":
         return multi.gamgm(A)
     if name == "qapfuse sync":
-        blocks = multi._pairwise_kb(A, None, np.full(m, n), 1.0, "rrwm", xp=np)
+        blocks = _pairwise_kb(A, None, np.full(m, n), 1.0, "rrwm", xp=np)
         return multi.synchronize(blocks)
     if name == "pairwise RRWM":
         return _pairwise_rrwm(A, args.max_k_gb * 2**30 / 4)

@@ -1,0 +1,218 @@
+"""The annealing loop shared by :func:`gamgm` and :func:`gamgm_affinity`.
+
+Starts (pairwise matchings + synchronisation, a given ``U``, or uniform), graduated assignment
+in the universe, Hungarian rounding, and the hand-over to the Hungarian phase (``_sweeps``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ... import backend
+from ..._validation import warn_not_converged
+from ...backend import Array
+from .._common import normalise
+from ..lap import _hungarian_np, sinkhorn_log
+from ._inputs import _row_mask
+from ._sweeps import _consensus_sweeps, _pair_sweeps
+from .objective import _KBObjective
+from .result import MultiMatchResult
+from .sync import _sync_blocks
+
+INITS = ("rrwm", "ga", "uniform")
+
+
+def _run(
+    obj: Any,
+    ns: np.ndarray,
+    nrow: int,
+    d: int,
+    opts: dict[str, Any],
+    pairwise: Any,
+    caller: str,
+    start: float,
+    *,
+    xp: Any,
+    dtype: Any,
+    device: Any,
+) -> MultiMatchResult:
+    m = ns.shape[0]
+    tau0, tau_min, decay = opts["tau0"], opts["tau_min"], opts["decay"]
+    max_inner, tol = opts["max_inner"], opts["tol"]
+    sweeps, init = opts["hungarian_sweeps"], opts["init"]
+    mask_np = np.zeros((m, nrow, d), dtype=bool)
+    for i in range(m):
+        mask_np[i, : ns[i], :] = True
+    mask = backend.asarray_on(mask_np, xp=xp, device=device)
+    square = backend.asarray_on((ns == d)[:, None, None], xp=xp, device=device)
+
+    # Starts (pairwise matchings + synchronisation, a given U, or uniform).
+    init_name, starts = _initial(
+        init, pairwise, ns, nrow, d, opts.get("rng"), caller, xp=xp, dtype=dtype, device=device
+    )
+    if not starts:
+        gen = backend.rng_from(opts.get("rng"), caller=caller)
+        u = np.where(mask_np, 1.0 / d + gen.random((m, nrow, d)) * 1e-3, 0.0)
+        starts = [(xp.astype(backend.asarray_on(u, xp=xp, device=device), dtype), False)]
+
+    # Graduated assignment from each start: all graphs at once (Algorithm 1 of [2], in the
+    # universe form); the best rounded answer (or hard start) goes on to the Hungarian phase.
+    stages = max(1, math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9) + 1)
+    runs = []
+    n_iter = 0
+    for U0, hard in starts:
+        if hard and _is_fixed_point(obj, U0, ns, xp=xp):
+            # the cold update maps this start to itself: annealing would only return to it
+            runs.append((obj.score(U0), U0, U0, [], 0.0, "start (fixed point)"))
+            continue
+        U, history, n_it, change = _anneal(obj, U0, mask, square, stages, opts, xp=xp)
+        n_iter += n_it
+        U_hard = _round(U, ns, xp=xp)
+        runs.append((obj.score(U_hard), U_hard, U, history, change, "annealed"))
+        if hard:
+            runs.append((obj.score(U0), U0, U, history, change, "start"))
+    best = max(range(len(runs)), key=lambda k: runs[k][0])
+    score, U_hard, soft, history, change, picked = runs[best]
+    converged = change < tol
+    if not converged:
+        warn_not_converged(
+            f"{caller} stopped at max_inner={max_inner} in its last stage with change "
+            f"{change:.2e} > tol={tol:g}; raise max_inner or lower decay.",
+            stacklevel=4,
+        )
+
+    # Hungarian phase: graph-by-graph improvement sweeps from the best rounded answer.
+    refine = _consensus_sweeps if isinstance(obj, _KBObjective) else _pair_sweeps
+    info: dict[str, Any] = {
+        "history": history,
+        "init": init_name,
+        "candidates": [(r[5], r[0]) for r in runs],
+        "picked": picked,
+    }
+    U_hard, score, used = refine(obj, U_hard, ns, sweeps, xp=xp)
+    info["refine_sweeps"] = used
+    return MultiMatchResult(
+        U=U_hard[:, : int(ns.max()), :],
+        ns=ns,
+        soft=soft[:, : int(ns.max()), :],
+        score=score,
+        n_iter=n_iter,
+        converged=converged,
+        time=time.perf_counter() - start,
+        info=info,
+    )
+
+
+def _is_fixed_point(obj: Any, U: Array, ns: np.ndarray, *, xp: Any) -> bool:
+    """Whether the Hungarian projection of ``G(U)`` gives back the hard ``U`` (every graph)."""
+    return bool(xp.all(_round(obj.grad(U), ns, xp=xp) == U))
+
+
+def _anneal(
+    obj: Any, U: Array, mask: Array, square: Array, stages: int, opts: dict[str, Any], *, xp: Any
+) -> tuple[Array, list[dict[str, Any]], int, float]:
+    """The annealing loop: ``U <- (1 - step) U + step sinkhorn(G(U) / tau)``, tau decaying."""
+    tau0, decay, tol, step = opts["tau0"], opts["decay"], opts["tol"], opts["step"]
+    history: list[dict[str, Any]] = []
+    n_iter, change = 0, float("inf")
+    for stage in range(stages):
+        tau = tau0 * decay**stage
+        inner = 0
+        for inner in range(1, opts["max_inner"] + 1):
+            G = normalise(obj.grad(U), xp=xp)
+            log_U, _, _ = sinkhorn_log(
+                G / tau, mask=mask, square=square, max_iter=opts["sk_iter"], tol=1e-5, xp=xp
+            )
+            U_new = xp.exp(log_U)
+            if step < 1.0:
+                U_new = step * U_new + (1.0 - step) * U
+            change = float(xp.max(xp.abs(U_new - U)))
+            U = U_new
+            n_iter += 1
+            if change < tol:
+                break
+        history.append({"tau": tau, "inner": inner, "change": change, "score": obj.score(U)})
+    return U, history, n_iter, change
+
+
+def _initial(
+    init: Any,
+    pairwise: Any,
+    ns: np.ndarray,
+    nrow: int,
+    d: int,
+    rng: Any,
+    caller: str,
+    *,
+    xp: Any,
+    dtype: Any,
+    device: Any,
+) -> tuple[str, list[tuple[Array, bool]]]:
+    """Starts ``(U, is_hard)``: pairwise + synchronisation (and the star), or the given one."""
+    m = ns.shape[0]
+    if isinstance(init, str):
+        if init not in INITS:
+            from ..._validation import check_choice
+
+            check_choice(init, "init", caller, INITS)
+        if init == "uniform":
+            return "uniform", []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pairwise non-convergence is fine for a start
+            Xb, star_only = pairwise(init)
+        U, _ = _sync_blocks(Xb, ns, d, xp=xp)
+        starts = [(U, True)]
+        if not star_only:  # also the star around the largest graph, read off the same pairs
+            ref = int(np.argmax(ns))
+            touch = np.zeros((m, m), dtype=bool)
+            touch[ref, :] = touch[:, ref] = True
+            keep = backend.asarray_on(touch[:, :, None, None], xp=xp, device=device)
+            U_star, _ = _sync_blocks(xp.where(keep, Xb, xp.zeros_like(Xb)), ns, d, xp=xp)
+            starts.append((U_star, True))
+        return f"{init}+synchronize", starts
+    if isinstance(init, MultiMatchResult):
+        if not np.array_equal(init.ns, ns) or init.n_univ != d:
+            raise ValueError(
+                f"The 'init' result of {caller} must be for graphs of sizes {ns.tolist()} and a "
+                f"universe of {d}; got sizes {init.ns.tolist()} and a universe of {init.n_univ}."
+            )
+        U0 = init.U
+    else:
+        try:
+            xp_init = backend.namespace_of(init, name="init")
+        except TypeError:
+            xp_init = None
+        if xp_init is not xp:
+            raise TypeError(
+                f"The 'init' parameter of {caller} must be one of {', '.join(map(repr, INITS))}, "
+                f"a MultiMatchResult or an array of the inputs' library; got {type(init).__name__}."
+            )
+        U0 = init
+    want = (m, int(ns.max()), d)
+    if tuple(U0.shape) != want:
+        raise ValueError(
+            f"The 'init' parameter of {caller} must have shape (m, max(ns), n_univ) = {want}; "
+            f"got {tuple(U0.shape)}."
+        )
+    U0 = xp.astype(U0, dtype)
+    if not bool(xp.all(xp.isfinite(U0))) or bool(xp.any(U0 < 0)):
+        raise ValueError(f"The 'init' parameter of {caller} must be finite and non-negative.")
+    if nrow > want[1]:
+        z = xp.zeros((m, nrow - want[1], d), dtype=dtype, device=device)
+        U0 = xp.concat([U0, z], axis=1)
+    mask = backend.asarray_on(_row_mask(ns, nrow)[:, :, None], xp=xp, device=device)
+    U0 = xp.where(mask, U0, xp.zeros_like(U0))
+    hard = bool(xp.all((U0 == 0) | (U0 == 1)))
+    return "given", [(U0, hard)]
+
+
+def _round(U: Array, ns: np.ndarray, *, xp: Any) -> Array:
+    """Hungarian projection of each ``U_i`` (rows ``:n_i``) to a 0/1 universe matching."""
+    m, d = U.shape[0], U.shape[2]
+    X = _hungarian_np(backend.to_numpy(U).astype(np.float64), ns, np.full(m, d))
+    return backend.from_numpy(X, like=U)

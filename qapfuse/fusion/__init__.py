@@ -14,8 +14,8 @@ from .spec import (
     TracingError,
     UnsupportedOpError,
     check_same_shapes,
-    trace,
 )
+from .tracing import trace
 
 __all__ = [
     "Edge",

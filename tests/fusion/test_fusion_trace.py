@@ -261,7 +261,7 @@ def test_torchvision_models_trace_when_available():
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_conv_output_shape_formula_matches_torch():
-    from qapfuse.fusion.spec import _conv_out_shape
+    from qapfuse.fusion._ops import _conv_out_shape
 
     gen = torch.Generator().manual_seed(0)
 

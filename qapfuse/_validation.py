@@ -8,6 +8,7 @@ heavy work and never use ``assert``.
 from __future__ import annotations
 
 import difflib
+import math
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -138,7 +139,16 @@ def check_options(
 
 
 def check_finite(x: Any, name: str, *, xp: Any) -> None:
-    """Raise ``ValueError`` if the array `x` holds NaN or Inf."""
+    """Raise ``ValueError`` if the array `x` holds NaN or Inf.
+
+    One summing pass decides the common case (NaN and Inf make the sum non-finite); only a
+    non-finite sum, which overflow can also cause, gets the element-wise check.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # overflow: decided below
+        total = float(xp.sum(x))
+    if math.isfinite(total):
+        return
     if not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"`{name}` contains NaN or Inf; clean or mask it first.")
 

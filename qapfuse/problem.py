@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import backend
-from ._validation import check_choice, check_scalar
+from ._validation import check_choice, check_finite, check_scalar
 from .backend import Array
 
 __all__ = [
@@ -418,11 +418,6 @@ def _float_array(x: Array, name: str, *, xp: Any) -> Array:
     return x
 
 
-def _check_finite(x: Array, name: str, *, xp: Any) -> None:
-    if not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(f"`{name}` contains NaN or Inf; clean or mask it first.")
-
-
 def _sizes(n: Any, name: str, batch: int, nmax: int | None, caller: str) -> np.ndarray | None:
     """Per-instance sizes as an int64 numpy array of shape (batch,), or None if not given."""
     if n is None:
@@ -655,7 +650,7 @@ class Problem:
         if N != N2:
             raise ValueError(f"`K` in {caller} must be square; got shape {tuple(K.shape)[-2:]}.")
         n1max, n2max = _infer_padded(N, n1, n2, n1max, n2max, b, caller)
-        _check_finite(K, "K", xp=xp)
+        check_finite(K, "K", xp=xp)
         if sense == "min":
             K = -K
         return cls(DenseAffinity(K, n1max, n2max), n1, n2, sense=sense, batched=batched)
@@ -779,8 +774,8 @@ class Problem:
         if A.dtype != B.dtype:
             dt = xp.result_type(A.dtype, B.dtype)
             A, B = xp.astype(A, dt), xp.astype(B, dt)
-        _check_finite(A, "A", xp=xp)
-        _check_finite(B, "B", xp=xp)
+        check_finite(A, "A", xp=xp)
+        check_finite(B, "B", xp=xp)
         sign = -1.0 if sense == "min" else 1.0
         aff: Affinity = KoopmansBeckmannAffinity(A, B, weight=sign)
         if L is not None:
@@ -792,7 +787,7 @@ class Problem:
                     f"`L` in {caller} must have shape (n1, n2) = {want[1:]} (batched: {want}); "
                     f"got {tuple(L.shape)}."
                 )
-            _check_finite(L, "L", xp=xp)
+            check_finite(L, "L", xp=xp)
             aff = aff + LinearAffinity(sign * L)
         return cls(aff, n1, n2, sense=sense, batched=batched)
 

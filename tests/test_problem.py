@@ -199,3 +199,12 @@ def test_mixed_libraries_are_refused():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match=r"arrays of one library"):
         Problem.koopmans_beckmann(np.eye(2), torch.eye(2))
+
+
+def test_huge_finite_k_whose_sum_overflows_is_accepted():
+    K = np.full((4, 4), 1e308)  # the sum overflows to inf, yet every entry is finite
+    p = Problem.from_dense(K)
+    assert p.n1max == 2
+    K[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"`K` contains NaN or Inf"):
+        Problem.from_dense(K)

@@ -399,3 +399,59 @@ def test_float32_gaussian_uses_single_precision_exp_within_1e6():
     assert K32.dtype == np.float32 and Ks32[0].dtype == np.float32
     np.testing.assert_allclose(K32, K64, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(Ks32[2].toarray(), K64[2], rtol=1e-6, atol=1e-7)
+
+
+def _expected_candidates(F1, F2, m1, m2, k, sigma):
+    L = np.exp(-((F1[:m1, None, :] - F2[None, :m2, :]) ** 2).sum(-1) / sigma)
+    rows = np.argsort(-L, axis=1)[:, :k]
+    cols = np.argsort(-L, axis=0)[:k, :]
+    C = np.zeros((m1, m2), bool)
+    C[np.repeat(np.arange(m1), rows.shape[1]), rows.ravel()] = True
+    C[cols.ravel(), np.tile(np.arange(m2), cols.shape[0])] = True
+    return C
+
+
+@pytest.mark.parametrize("edge", ["inner", "gauss", "custom"])
+@pytest.mark.parametrize("thr", [0.0, 0.3])
+def test_candidates_give_the_full_k_restricted_to_candidate_pairs(edge, thr):
+    d = _batch(seed=13, selfloops=True)
+    ek = _l1_sim if edge == "custom" else KERNELS[edge][0]
+    kw = dict(node_aff=gaussian_kernel(1.0), edge_aff=ek, dtype="float64", format="sparse")
+    full = build_aff_mat(*_args(d), threshold=thr, **kw)
+    Ks = build_aff_mat(*_args(d), threshold=thr, candidates=2, **kw)
+    p = graph_matching_problem(*_args(d), threshold=thr, candidates=2, **kw)
+    assert isinstance(p.affinity, CSRAffinity) and p.affinity.candidates.shape == (3, 5, 6)
+    for k in range(3):
+        m1, m2 = int(d["n1"][k]), int(d["n2"][k])
+        C = _expected_candidates(d["F1"][k], d["F2"][k], m1, m2, 2, 1.0)
+        got = p.affinity.candidates[k]
+        np.testing.assert_array_equal(got[:m1, :m2], C)
+        assert not got[m1:].any() and not got[:, m2:].any()
+        keep = got.T.reshape(-1)  # column-major vec: pair (i, a) at i + a * n1max
+        want = full[k].toarray() * keep[:, None] * keep[None, :]
+        np.testing.assert_allclose(Ks[k].toarray(), want, atol=0)
+        np.testing.assert_allclose(p.affinity.Ks[k].toarray(), want, atol=0)
+        assert Ks[k].nnz <= full[k].nnz
+        assert Ks[k].has_sorted_indices
+        S = Ks[k].copy()
+        S.sort_indices()
+        np.testing.assert_array_equal(S.indices, Ks[k].indices)
+    # enough candidates keep every pair: the full K
+    Kall = build_aff_mat(*_args(d), threshold=thr, candidates=6, **kw)
+    for k in range(3):
+        np.testing.assert_array_equal(Kall[k].toarray(), full[k].toarray())
+
+
+def test_candidates_are_checked():
+    d = _batch(seed=14)
+    with pytest.raises(ValueError, match=r"'candidates' parameter .* format='sparse' only"):
+        build_aff_mat(*_args(d), candidates=2)
+    with pytest.raises(ValueError, match="'candidates' parameter of graph_matching_problem"):
+        graph_matching_problem(*_args(d), candidates=0)
+    with pytest.raises(TypeError, match="'candidates' parameter of build_aff_mat"):
+        build_aff_mat(*_args(d), format="sparse", candidates=2.0)
+    with pytest.raises(ValueError, match="needs node_feat1 and node_feat2"):
+        build_aff_mat(*_args(d, nodes=False), format="sparse", candidates=2)
+    targs = [torch.as_tensor(v) for v in _args(d)[:6]]
+    with pytest.raises(TypeError, match="needs numpy inputs"):
+        build_aff_mat(*targs, *_args(d)[6:], format="sparse", candidates=2)

@@ -10,8 +10,13 @@ import pytest
 
 from qapfuse import Problem, solve
 from qapfuse.affinity import gaussian_kernel, graph_matching_problem
-from qapfuse.graphs import matching_metrics, noisy_pair
-from qapfuse.solvers.partial import match_with_outliers, partial_hungarian, sinkhorn_slack
+from qapfuse.graphs import matching_metrics, noisy_pair, point_pair
+from qapfuse.solvers.partial import (
+    match_with_outliers,
+    partial_hungarian,
+    sinkhorn_slack,
+    sinkhorn_slack_sparse,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -124,3 +129,100 @@ def test_match_with_outliers_options_are_checked():
         match_with_outliers(p, decay=1.5)
     with pytest.raises(ValueError, match="tau_min"):
         match_with_outliers(p, tau0=0.1, tau_min=0.5)
+
+
+def _dense_on_support(S, C, slack, tau, iters):
+    """Reference: the dense log-domain slack Sinkhorn with pairs outside `C` at -inf."""
+    from qapfuse import backend
+    from qapfuse.solvers.partial import _augmented_log, _sinkhorn_slack_log
+
+    xp = backend.namespace_of(S)
+    n1, n2 = S.shape
+    Sa, la, lb = _augmented_log(S[None] / tau, slack / tau, np.array([n1]), np.array([n2]), xp=xp)
+    Sa[0, :n1, :n2] = np.where(C, Sa[0, :n1, :n2], -np.inf)
+    lp, _, err = _sinkhorn_slack_log(Sa, la, lb, max_iter=iters, tol=1e-12, xp=xp)
+    assert err < 1e-9
+    return np.exp(lp[0])
+
+
+@pytest.mark.parametrize("slack", [-0.2, 0.3])
+def test_sinkhorn_slack_sparse_equals_dense_on_the_same_support(slack):
+    rng = np.random.default_rng(5)
+    S = rng.normal(size=(6, 8))
+    C = rng.random((6, 8)) < 0.4
+    C[5] = False  # a row without candidates: all its mass goes to the slack column
+    rows, cols = np.nonzero(C)
+    p, u1, u2 = sinkhorn_slack_sparse(
+        S[rows, cols], rows, cols, 6, 8, slack=slack, tau=0.5, max_iter=5000, tol=1e-12
+    )
+    ref = _dense_on_support(S, C, slack, 0.5, 5000)
+    np.testing.assert_allclose(p, ref[rows, cols], atol=1e-9)
+    np.testing.assert_allclose(u1, ref[:6, 8], atol=1e-9)
+    np.testing.assert_allclose(u2, ref[6, :8], atol=1e-9)
+    P = np.zeros((6, 8))
+    P[rows, cols] = p
+    np.testing.assert_allclose(P.sum(1) + u1, 1.0, atol=1e-9)
+    np.testing.assert_allclose(P.sum(0) + u2, 1.0, atol=1e-9)
+    assert u1[5] == pytest.approx(1.0)
+    # the full support gives sinkhorn_slack
+    r2, c2 = np.nonzero(np.ones((6, 8), bool))
+    pf, _, _ = sinkhorn_slack_sparse(
+        S.ravel(), r2, c2, 6, 8, slack=slack, tau=0.5, max_iter=5000, tol=1e-12
+    )
+    Pd, _, _ = sinkhorn_slack(S, slack=slack, tau=0.5, max_iter=5000, tol=1e-12)
+    np.testing.assert_allclose(pf.reshape(6, 8), Pd, atol=1e-9)
+
+
+def test_sinkhorn_slack_sparse_checks_its_input():
+    r = np.array([0, 1])
+    with pytest.raises(ValueError, match=r"`rows` in sinkhorn_slack_sparse must lie in \[0, 1\)"):
+        sinkhorn_slack_sparse(np.ones(2), r, r, 1, 2)
+    with pytest.raises(ValueError, match="1-D of one length"):
+        sinkhorn_slack_sparse(np.ones(3), r, r, 2, 2)
+    with pytest.raises(TypeError, match="'values' parameter of sinkhorn_slack_sparse"):
+        sinkhorn_slack_sparse([1.0, 2.0], r, r, 2, 2)
+    with pytest.raises(ValueError, match="`values` in sinkhorn_slack_sparse contains NaN"):
+        sinkhorn_slack_sparse(np.array([1.0, np.nan]), r, r, 2, 2)
+    with pytest.raises(ValueError, match="'tau' parameter of sinkhorn_slack_sparse"):
+        sinkhorn_slack_sparse(np.ones(2), r, r, 2, 2, tau=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_match_with_outliers_on_candidates_recovers_the_inliers(seed):
+    pair = point_pair(
+        150, noise=0.002, outliers1=15, outliers2=15, node_feat_dim=16, node_noise=1.0, rng=seed
+    )
+    kw = dict(
+        edge_aff=gaussian_kernel(2e-5 * 1000 / 150),
+        node_aff=gaussian_kernel(16.0),
+        threshold=1e-2,
+        dtype="float64",
+    )
+    skw = dict(slack=0.05, tau0=0.5, tau_min=0.02, decay=0.5, max_inner=3, sk_iter=10)
+    p = graph_matching_problem(*pair.aff_args(), candidates=20, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = match_with_outliers(p, **skw)
+    m = matching_metrics(res.X, pair.X_gt)
+    assert m["f1"] >= 0.9 and m["precision"] >= 0.95
+    C = p.affinity.candidates[0]
+    assert not res.X[~C].any()  # only candidate pairs are matched
+    assert res.info["support"] == int(C.sum())
+    np.testing.assert_array_equal(res.info["matched1"], res.X.sum(1) > 0)
+    np.testing.assert_array_equal(res.info["matched2"], res.X.sum(0) > 0)
+    assert res.score == pytest.approx(float(p.score(res.X[None])[0]))
+    assert res.soft.shape == (165, 165) and not res.soft[~C].any()
+
+
+def test_match_with_outliers_on_all_candidates_equals_the_dense_path():
+    pair = point_pair(20, noise=0.002, outliers1=2, outliers2=3, node_feat_dim=4, rng=2)
+    kw = dict(edge_aff=gaussian_kernel(0.01), node_aff=gaussian_kernel(4.0), dtype="float64")
+    skw = dict(slack=0.05, tau0=0.5, tau_min=0.05, decay=0.5, max_inner=5, sk_iter=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = match_with_outliers(graph_matching_problem(*pair.aff_args(), **kw), **skw)
+        cand = match_with_outliers(
+            graph_matching_problem(*pair.aff_args(), candidates=23, **kw), **skw
+        )
+    np.testing.assert_allclose(cand.soft, full.soft, atol=1e-5)
+    np.testing.assert_array_equal(cand.X, full.X)

@@ -67,18 +67,39 @@ def _dense_fill_py(
 
 
 def _sparse_count_py(
-    counts, ptr1, nbr1, F1, ptr2, nbr2, F2, has_node, n1, n2, n1max, kind, sigma, thr, cut
+    counts,
+    ptr1,
+    nbr1,
+    F1,
+    ptr2,
+    nbr2,
+    F2,
+    has_node,
+    n1,
+    n2,
+    n1max,
+    kind,
+    sigma,
+    thr,
+    cut,
+    cand,
+    use_cand,
 ):  # pragma: no cover - jitted
     """Non-zeros per row of one instance (``counts`` has ``n1max*n2max`` zeroed entries).
 
     With ``thr > 0`` edge entries with ``|k| < thr`` are left out (for the Gaussian kernel
-    without an ``exp``: ``||f - g||^2 >= cut = sigma * log(1 / thr)``).
+    without an ``exp``: ``||f - g||^2 >= cut = sigma * log(1 / thr)``). With ``use_cand``
+    only candidate pairs (``cand[i, a]`` true, shape (n1max, n2max)) get a row, and an edge
+    pair ``(i -> j, a -> b)`` is kept only if ``(j, b)`` is a candidate too.
     """
     for q in nb.prange(n1 * n2):
         a = q // n1
         i = q - a * n1
         r = i + a * n1max
-        if thr <= 0.0:
+        if use_cand and not cand[i, a]:
+            counts[r] = 0
+            continue
+        if thr <= 0.0 and not use_cand:
             c = (ptr1[i + 1] - ptr1[i]) * (ptr2[a + 1] - ptr2[a])
             if has_node and not (_has_edge(ptr1, nbr1, i, i) and _has_edge(ptr2, nbr2, a, a)):
                 c += 1
@@ -89,7 +110,11 @@ def _sparse_count_py(
                 for ej in range(ptr1[i], ptr1[i + 1]):
                     if has_node and nbr1[ej] + cb == r:
                         continue
-                    if kind == GAUSSIAN or kind == GAUSSIAN32:
+                    if use_cand and not cand[nbr1[ej], nbr2[eb]]:
+                        continue
+                    if thr <= 0.0:
+                        keep = True
+                    elif kind == GAUSSIAN or kind == GAUSSIAN32:
                         keep = _sqdist(F1, ej, F2, eb) < cut
                     else:
                         keep = abs(_pair(F1, ej, F2, eb, kind, sigma)) >= thr
@@ -134,15 +159,20 @@ def _sparse_fill_py(
     sigma,
     thr,
     cut,
+    cand,
+    use_cand,
 ):  # pragma: no cover - jitted
     """Fill CSR ``indices``/``data`` of one instance; columns come out sorted per row.
 
-    Keeps the same entries as :func:`_sparse_count_py` with the same ``thr``/``cut``.
+    Keeps the same entries as :func:`_sparse_count_py` with the same ``thr``/``cut`` and
+    candidates.
     """
     for q in nb.prange(n1 * n2):
         a = q // n1
         i = q - a * n1
         r = i + a * n1max
+        if use_cand and not cand[i, a]:
+            continue
         pos = indptr[r]
         pending = has_node
         for eb in range(ptr2[a], ptr2[a + 1]):
@@ -154,6 +184,8 @@ def _sparse_fill_py(
                     data[pos] = node[i, a]
                     pos += 1
                     pending = False
+                    continue
+                if use_cand and not cand[nbr1[ej], nbr2[eb]]:
                     continue
                 if pending and c > r:
                     indices[pos] = r

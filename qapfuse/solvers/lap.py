@@ -204,9 +204,42 @@ def sinkhorn_log(
         else:
             it, err = _sinkhorn_log_nb(out, *args)
         return out, it, err
+    log_P, _, it, err = sinkhorn_log_warm(
+        L,
+        None,
+        mask=mask,
+        square=square,
+        max_iter=max_iter,
+        tol=tol,
+        xp=xp,
+        check_every=check_every,
+    )
+    return log_P, it, err
+
+
+def sinkhorn_log_warm(
+    L: Array,
+    g0: Array | None,
+    *,
+    mask: Array,
+    square: Array,
+    max_iter: int,
+    tol: float,
+    xp: Any,
+    check_every: int = 10,
+) -> tuple[Array, Array, int, float]:
+    """:func:`sinkhorn_log` in the array namespace, from column potentials `g0` (b, 1, c).
+
+    Returns ``(log P, g, n_iter, err)``; passing the returned ``g`` to the next call on a
+    nearby ``L`` (as graduated assignment does) saves most of its iterations, which matters
+    where every step is a kernel launch (torch, GPU). ``g0=None`` starts from 0.
+    """
     neg_inf = xp.asarray(-xp.inf, dtype=L.dtype, device=backend.device(L))
     L = xp.where(mask, L, neg_inf)
-    g = xp.zeros((L.shape[0], 1, L.shape[2]), dtype=L.dtype, device=backend.device(L))
+    if g0 is None:
+        g = xp.zeros((L.shape[0], 1, L.shape[2]), dtype=L.dtype, device=backend.device(L))
+    else:
+        g = g0
     row_valid = xp.any(mask, axis=2, keepdims=True)
     err = float("inf")
     it = 0
@@ -219,7 +252,7 @@ def sinkhorn_log(
             err = float(xp.max(xp.where(row_valid, xp.abs(rows - 1.0), xp.zeros_like(rows))))
             if err <= tol:
                 break
-    return L + f + g, it, err
+    return L + f + g, g, it, err
 
 
 #: Largest spread of ``L`` (over valid entries) for which the numpy kernel iterates on scaling

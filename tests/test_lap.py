@@ -150,7 +150,7 @@ def test_warm_started_sinkhorn_reaches_the_same_plan_in_fewer_iterations():
     mask = torch.ones((1, 6, 6), dtype=torch.bool)
     square = torch.ones((1, 1, 1), dtype=torch.bool)
     kw = dict(mask=mask, square=square, max_iter=500, tol=1e-10, xp=xp, check_every=1)
-    cold, g, it_cold, _ = sinkhorn_log_warm(S, None, **kw)
+    cold, g, _, _ = sinkhorn_log_warm(S, None, **kw)
     warm, _, it_warm, _ = sinkhorn_log_warm(S + 1e-3 * S**2, g, **kw)
     ref, _, it_ref, _ = sinkhorn_log_warm(S + 1e-3 * S**2, None, **kw)
     assert it_warm < it_ref

@@ -380,3 +380,52 @@ def test_bench_mgm_smoke(tmp_path):
     text = (tmp_path / "smoke.md").read_text()
     assert "## outliers" in text and "qapfuse gamgm acc / cons / s" in text
     assert (tmp_path / "smoke.csv").read_text().count("\n") == 1 + 2 * 2
+
+
+def _sinkhorn_case(seed=21):
+    """Scores (4, 6, 8): one instance with padding rows and one non-square (columns <= 1)."""
+    rng = np.random.default_rng(seed)
+    S = rng.random((4, 6, 8))
+    mask = np.ones(S.shape, dtype=bool)
+    mask[1, 4:, :] = False  # graph 1 has 4 nodes
+    square = np.array([False, False, False, False])
+    return S, mask, square
+
+
+def test_warm_sinkhorn_agrees_with_the_log_domain_kernel():
+    from qapfuse.solvers.lap import sinkhorn_log
+    from qapfuse.solvers.multi._sinkhorn import SinkhornWarm
+
+    S, mask, square = _sinkhorn_case()
+    for tau in (0.5, 0.05):
+        P, it, err = SinkhornWarm(mask, square)(S, tau, max_iter=5000, tol=1e-12)
+        log_P, _, _ = sinkhorn_log(
+            S / tau, mask=mask, square=square[:, None, None], max_iter=5000, tol=1e-12, xp=np
+        )
+        assert err <= 1e-12 and it < 5000
+        np.testing.assert_allclose(P, np.exp(log_P), atol=1e-9)
+        rows = P.sum(axis=2)
+        np.testing.assert_allclose(rows[mask.any(axis=2)], 1.0, atol=1e-9)
+        assert np.all(P.sum(axis=1) <= 1.0 + 1e-9)
+        assert np.all(P[~mask] == 0.0)
+
+
+def test_warm_sinkhorn_reuses_its_potentials_and_survives_a_large_spread():
+    from qapfuse.solvers.multi._sinkhorn import SinkhornWarm
+
+    S = np.random.default_rng(22).random((4, 6, 6))
+    mask, square = np.ones(S.shape, dtype=bool), np.ones(4, dtype=bool)
+    warm = SinkhornWarm(mask, square)
+    _, it_cold, _ = warm(S, 0.1, max_iter=1000, tol=1e-10, check_every=1)
+    P, it_warm, err = warm(S, 0.1, max_iter=1000, tol=1e-10, check_every=1)
+    assert it_warm < it_cold and err <= 1e-10
+    # tau = 1e-4: the scores span ~1e4, far beyond exp's range; the result is still finite,
+    # (nearly) doubly stochastic and concentrated on the best assignment
+    P, _, err = warm(S, 1e-4, max_iter=5000, tol=1e-8)
+    assert np.all(np.isfinite(P)) and err <= 1e-3
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, atol=1e-12)
+    from scipy.optimize import linear_sum_assignment
+
+    for k in range(S.shape[0]):
+        r, c = linear_sum_assignment(S[k], maximize=True)
+        assert P[k, r, c].min() > 0.5

@@ -19,6 +19,7 @@ from ...backend import Array
 from .._common import normalise
 from ..lap import _hungarian_np, sinkhorn_log
 from ._inputs import _row_mask
+from ._sinkhorn import SinkhornWarm
 from ._sweeps import _consensus_sweeps, _pair_sweeps
 from .objective import _KBObjective
 from .result import MultiMatchResult
@@ -120,15 +121,22 @@ def _anneal(
     tau0, decay, tol, step = opts["tau0"], opts["decay"], opts["tol"], opts["step"]
     history: list[dict[str, Any]] = []
     n_iter, change = 0, float("inf")
+    warm = None
+    if backend.is_numpy_array(U) and U.dtype == np.float64:
+        # compiled Sinkhorn whose potentials carry over from one call to the next
+        warm = SinkhornWarm(mask, np.broadcast_to(square, (U.shape[0], 1, 1))[:, 0, 0])
     for stage in range(stages):
         tau = tau0 * decay**stage
         inner = 0
         for inner in range(1, opts["max_inner"] + 1):
             G = normalise(obj.grad(U), xp=xp)
-            log_U, _, _ = sinkhorn_log(
-                G / tau, mask=mask, square=square, max_iter=opts["sk_iter"], tol=1e-5, xp=xp
-            )
-            U_new = xp.exp(log_U)
+            if warm is not None:
+                U_new, _, _ = warm(G, tau, max_iter=opts["sk_iter"], tol=1e-5)
+            else:
+                log_U, _, _ = sinkhorn_log(
+                    G / tau, mask=mask, square=square, max_iter=opts["sk_iter"], tol=1e-5, xp=xp
+                )
+                U_new = xp.exp(log_U)
             if step < 1.0:
                 U_new = step * U_new + (1.0 - step) * U
             change = float(xp.max(xp.abs(U_new - U)))

@@ -151,7 +151,7 @@ def gamgm(
     .. [1] A. Solé-Ribalta, F. Serratosa, "Graduated assignment algorithm for multiple graph
            matching based on a common labeling", IJPRAI 27(1), 2013.
            doi:10.1142/S0218001413500018
-    .. [2] R. Wang, pj. Yan, X. Yang, "Graduated assignment for joint multi-graph matching and
+    .. [2] R. Wang, J. Yan, X. Yang, "Graduated assignment for joint multi-graph matching and
            clustering with application to unsupervised graph matching network learning",
            NeurIPS 2020.
     .. [3] R. Wang et al., "Deep neural network fusion via graph matching with applications to
@@ -289,7 +289,7 @@ def gamgm_affinity(
 
     References
     ----------
-    .. [1] R. Wang, pj. Yan, X. Yang, "Graduated assignment for joint multi-graph matching and
+    .. [1] R. Wang, J. Yan, X. Yang, "Graduated assignment for joint multi-graph matching and
            clustering with application to unsupervised graph matching network learning",
            NeurIPS 2020.
 

@@ -226,3 +226,17 @@ def test_match_with_outliers_on_all_candidates_equals_the_dense_path():
         )
     np.testing.assert_allclose(cand.soft, full.soft, atol=1e-5)
     np.testing.assert_array_equal(cand.X, full.X)
+
+
+def test_sinkhorn_slack_sparse_log_domain_fallback_matches_dense():
+    # scores spanning more than 700 after / tau: both take the log domain, same iterations
+    rng = np.random.default_rng(6)
+    S = rng.normal(size=(5, 7))
+    r, c = np.nonzero(np.ones((5, 7), bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p, u1, _ = sinkhorn_slack_sparse(S.ravel(), r, c, 5, 7, slack=0.1, tau=2e-3, max_iter=50)
+        P, v1, _ = sinkhorn_slack(S, slack=0.1, tau=2e-3, max_iter=50)
+    assert np.ptp(S) / 2e-3 > 700
+    np.testing.assert_allclose(p.reshape(5, 7), P, atol=1e-10)
+    np.testing.assert_allclose(u1, v1, atol=1e-10)

@@ -537,7 +537,7 @@ def _candidates(
     """Node affinities (or None) and the candidate masks (b, n1max, n2max) for `k`, or None.
 
     A pair ``(i, a)`` is a candidate if ``a`` is among the `k` nodes with the highest node
-    affinity to ``i`` or ``i`` among the `k` highest of ``a`` (ties broken by index).
+    affinity to ``i`` or ``i`` among the `k` highest of ``a`` (ties broken arbitrarily).
     """
     if k is None:
         return None, None
@@ -563,13 +563,14 @@ def _candidates(
         m1, m2 = int(g.g1.n[b]), int(g.g2.n[b])
         if m1 == 0 or m2 == 0:
             continue
-        L = node[b, :m1, :m2]
+        L = np.ascontiguousarray(node[b, :m1, :m2])
         k2 = min(k, m2)
-        top = np.argpartition(-L, k2 - 1, axis=1)[:, :k2]
+        top = np.argpartition(L, m2 - k2, axis=1)[:, m2 - k2 :]  # (m1, k2): best of each i
         cand[b, np.repeat(np.arange(m1), k2), top.ravel()] = True
         k1 = min(k, m1)
-        top = np.argpartition(-L, k1 - 1, axis=0)[:k1, :]
-        cand[b, top.ravel(), np.tile(np.arange(m2), k1)] = True
+        LT = np.ascontiguousarray(L.T)  # rows of the transpose: a contiguous partition
+        top = np.argpartition(LT, m1 - k1, axis=1)[:, m1 - k1 :]  # (m2, k1): best of each a
+        cand[b, top.ravel(), np.repeat(np.arange(m2), k1)] = True
     return node, cand
 
 

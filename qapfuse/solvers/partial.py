@@ -381,6 +381,74 @@ def _sparse_slack_kernel(L, rows, cols, n1, n2, sL, max_iter, tol):  # pragma: n
     return L + f[rows] + g[cols], sL + f + gs, sL + fs + g, it, err
 
 
+@nb.njit(cache=True)
+def _sparse_slack_scaling(L, rows, cols, n1, n2, sL, max_iter, tol):  # pragma: no cover
+    """Scaling form of :func:`_sparse_slack_kernel`: one ``exp`` per entry, then products.
+
+    Returns ``(p, unmatched1, unmatched2, err, ok)``; ``ok`` is False when the scores span
+    more than 700 (float64 underflow) or the scalings overflow: use the log domain then.
+    """
+    m = L.shape[0]
+    top, low = sL, sL
+    for e in range(m):
+        top = max(top, L[e])
+        low = min(low, L[e])
+    p = np.zeros(m)
+    if top - low > 700.0:
+        return p, np.zeros(n1), np.zeros(n2), np.inf, False
+    E = np.exp(L - top)
+    Es = np.exp(sL - top)
+    u = np.zeros(n1)
+    v = np.ones(n2)
+    us, vs = 0.0, 1.0
+    err = np.inf
+    acc1 = np.zeros(n1)
+    acc2 = np.zeros(n2)
+    for it in range(1, max_iter + 1):
+        acc1[:] = Es * vs
+        for e in range(m):
+            acc1[rows[e]] += E[e] * v[cols[e]]
+        u = 1.0 / acc1
+        us = n2 / (Es * (v.sum() + vs))
+        acc2[:] = Es * us
+        for e in range(m):
+            acc2[cols[e]] += E[e] * u[rows[e]]
+        v = 1.0 / acc2
+        vs = n1 / (Es * (u.sum() + us))
+        if it % 5 == 0 or it == max_iter:
+            acc1[:] = Es * vs
+            for e in range(m):
+                acc1[rows[e]] += E[e] * v[cols[e]]
+            err = np.max(np.abs(u * acc1 - 1.0)) if n1 else 0.0
+            err = max(err, abs(us * Es * (v.sum() + vs) - n2))
+            if err <= tol:
+                break
+    for e in range(m):
+        p[e] = u[rows[e]] * E[e] * v[cols[e]]
+    u1 = u * Es * vs
+    u2 = us * Es * v
+    ok = np.all(np.isfinite(p)) and np.all(np.isfinite(u1)) and np.all(np.isfinite(u2))
+    return p, u1, u2, err, ok
+
+
+def _sparse_slack_plan(
+    L: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    n1: int,
+    n2: int,
+    sL: float,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Plan on the support, slack masses and marginal error: scaling form, else log domain."""
+    p, u1, u2, err, ok = _sparse_slack_scaling(L, rows, cols, n1, n2, sL, max_iter, tol)
+    if ok:
+        return p, u1, u2, err
+    lp, l1, l2, _, err = _sparse_slack_kernel(L, rows, cols, n1, n2, sL, max_iter, tol)
+    return np.exp(lp), np.exp(l1), np.exp(l2), err
+
+
 def sinkhorn_slack_sparse(
     values: np.ndarray,
     rows: np.ndarray,
@@ -397,8 +465,8 @@ def sinkhorn_slack_sparse(
 
     :func:`sinkhorn_slack` for scores given only at the pairs ``(rows[e], cols[e])``; every
     other pair of the ``n1 x n2`` block is excluded (score ``-inf``). Each half-step costs
-    ``O(m + n1 + n2)`` for ``m`` support entries (log domain, Numba) instead of
-    ``O(n1 n2)``.
+    ``O(m + n1 + n2)`` for ``m`` support entries (Numba; the scaling form when the scores
+    span less than 700, else the log domain) instead of ``O(n1 n2)``.
 
     Parameters
     ----------
@@ -438,13 +506,13 @@ def sinkhorn_slack_sparse(
     check_scalar(n1, "n1", caller, integer=True, low=0, low_inclusive=True)
     check_scalar(n2, "n2", caller, integer=True, low=0, low_inclusive=True)
     L, r, c = _support(values, rows, cols, n1, n2, caller)
-    lp, l1, l2, _, err = _sparse_slack_kernel(L / tau, r, c, n1, n2, slack / tau, max_iter, tol)
+    p, u1, u2, err = _sparse_slack_plan(L / tau, r, c, n1, n2, slack / tau, max_iter, tol)
     if err > tol:
         warn_not_converged(
             f"{caller} stopped at max_iter={max_iter} with marginal error {err:.2e} > "
             f"tol={tol:g}; raise max_iter or tau."
         )
-    return np.exp(lp), np.exp(l1), np.exp(l2)
+    return p, u1, u2
 
 
 def _support(
@@ -699,11 +767,9 @@ def _match_on_support(
                 med = float(np.median(top)) if m1 else 0.0
                 scale = med if med > 0 else (float(np.max(np.abs(top))) if m1 else 0.0)
                 scale = scale if scale > 0 else 1.0
-                lp, l1, l2, _, _ = _sparse_slack_kernel(
+                x_new, u1, u2, _ = _sparse_slack_plan(
                     G / (scale * tau), ii, aa, m1, m2, slack / tau, sk_iter, 1e-4
                 )
-                x_new = np.exp(lp)
-                u1, u2 = np.exp(l1), np.exp(l2)
                 change = float(np.max(np.abs(x_new - x))) if x.size else 0.0
                 x = x_new
                 it_k += 1

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from numbers import Integral
 from typing import Any
 
 import numpy as np
 
 from ... import backend
 from ...problem import Affinity, DenseAffinity, Problem, SparseAffinity
-from ._inputs import _check_sizes, _float
+from ._inputs import _check_sizes, _float, _pair_keys
 from ._pairwise import _pair_indices
 from .objective import _Group
 
@@ -127,22 +126,7 @@ def _parse_affinities(
 def _groups_from_mapping(
     K: Mapping[Any, Any], ns: Any, caller: str
 ) -> tuple[list[_Group], int, Any, Any, Any]:
-    keys = list(K.keys())
-    for key in keys:
-        if (
-            not isinstance(key, tuple)
-            or len(key) != 2
-            or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in key)
-            or key[0] == key[1]
-            or min(key) < 0
-        ):
-            raise ValueError(
-                f"The keys of `K` in {caller} must be pairs (i, j) of distinct graph indices "
-                f">= 0; got {key!r}."
-            )
-    m = max(max(k) for k in keys) + 1 if keys else 0
-    if m < 2:
-        raise ValueError(f"`K` in {caller} must hold the affinities of at least one pair.")
+    keys, m = _pair_keys(K, "K", caller, "affinities")
     seen: dict[tuple[int, int], tuple[int, int]] = {}
     for key in keys:
         u = (min(key), max(key))

@@ -142,10 +142,13 @@ def _parse_pairs(
     return Xb, ns_np, xp
 
 
-def _blocks_from_mapping(
-    X: Mapping[Any, Any], caller: str, name: str
-) -> tuple[Array, np.ndarray, Any]:
-    keys = list(X.keys())
+def _pair_keys(mapping: Mapping[Any, Any], name: str, caller: str, what: str) -> tuple[list, int]:
+    """Check that `mapping` is keyed by pairs ``(i, j)`` of distinct graph indices.
+
+    Returns the keys and the number of graphs ``m`` (largest index + 1, at least 2); `what`
+    names the values in the error ("matchings", "affinities").
+    """
+    keys = list(mapping.keys())
     for key in keys:
         if (
             not isinstance(key, tuple)
@@ -160,7 +163,14 @@ def _blocks_from_mapping(
             )
     m = max(max(k) for k in keys) + 1 if keys else 0
     if m < 2:
-        raise ValueError(f"`{name}` in {caller} must hold the matchings of at least one pair.")
+        raise ValueError(f"`{name}` in {caller} must hold the {what} of at least one pair.")
+    return keys, m
+
+
+def _blocks_from_mapping(
+    X: Mapping[Any, Any], caller: str, name: str
+) -> tuple[Array, np.ndarray, Any]:
+    keys, m = _pair_keys(X, name, caller, "matchings")
     xp = backend.namespace_of(*[X[k] for k in keys], name=name)
     ns_np = np.full(m, -1, dtype=np.int64)
     mats: dict[tuple[int, int], Array] = {}

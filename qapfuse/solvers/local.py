@@ -125,8 +125,12 @@ def warm_up() -> float:
     return time.perf_counter() - t0
 
 
-def _deadline(time_limit: float | None) -> float | None:
-    return None if time_limit is None else time.perf_counter() + time_limit
+def _share_deadline(time_limit: float | None, t_run: float, k: int, count: int) -> float | None:
+    """Deadline of instance `k` of `count`: an equal share of what is left of `time_limit`."""
+    if time_limit is None:
+        return None
+    left = time_limit - (time.perf_counter() - t_run)
+    return time.perf_counter() + max(left, 0.0) / (count - k)
 
 
 def _check_common(
@@ -363,10 +367,7 @@ def two_opt(
     t_run = time.perf_counter()
     perms, moves, local = [], 0, True
     for k, inst in enumerate(insts):
-        deadline = None
-        if time_limit is not None:
-            left = time_limit - (time.perf_counter() - t_run)
-            deadline = time.perf_counter() + max(left, 0.0) / (len(insts) - k)
+        deadline = _share_deadline(time_limit, t_run, k, len(insts))
         p, m, ok = _run_two_opt(inst, perms0[k], strategy, max_iter, deadline)
         perms.append(p)
         moves += m
@@ -482,10 +483,7 @@ def tabu(
     t_run = time.perf_counter()
     perms, n_iter, local = [], 0, True
     for k, inst in enumerate(insts):
-        deadline = None
-        if time_limit is not None:
-            left = time_limit - (time.perf_counter() - t_run)
-            deadline = time.perf_counter() + max(left, 0.0) / (len(insts) - k)
+        deadline = _share_deadline(time_limit, t_run, k, len(insts))
         st = _run_tabu(inst, perms0[k], max_iter, deadline, tenure, aspiration, gen)
         perms.append(st.best_p)
         n_iter += st.n_iter

@@ -255,6 +255,23 @@ def sinkhorn_log_warm(
     return L + f + g, g, it, err
 
 
+@njit(cache=True)
+def _row_error(mask: np.ndarray, rows: np.ndarray) -> float:  # pragma: no cover - compiled
+    """Largest ``|row sum - 1|`` over rows with at least one valid entry (the stopping test)."""
+    b, r, c = mask.shape
+    err = 0.0
+    for k in range(b):
+        for i in range(r):
+            valid = False
+            for j in range(c):
+                if mask[k, i, j]:
+                    valid = True
+                    break
+            if valid and abs(rows[k, i] - 1.0) > err:
+                err = abs(rows[k, i] - 1.0)
+    return err
+
+
 #: Largest spread of ``L`` (over valid entries) for which the numpy kernel iterates on scaling
 #: factors instead of log potentials: ``exp(-300)`` and its reciprocal are far from float64's
 #: limits.
@@ -292,6 +309,7 @@ def _sinkhorn_scaling_nb(
     rf = np.ones((b, nr))
     cf = np.ones((b, nc))
     colsum = np.empty(nc)
+    rows = np.empty((b, nr))
     err = np.inf
     it = 0
     for it in range(1, max_iter + 1):
@@ -309,17 +327,13 @@ def _sinkhorn_scaling_nb(
                 ce = 1.0 / colsum[j] if colsum[j] > 0.0 else 1.0
                 cf[k, j] = ce if square[k] or ce < 1.0 else 1.0
         if it % check_every == 0 or it == max_iter:
-            err = 0.0
             for k in range(b):
                 for i in range(nr):
-                    valid = False
                     tot = 0.0
                     for j in range(nc):
-                        if mask[k, i, j]:
-                            valid = True
                         tot += rf[k, i] * E[k, i, j] * cf[k, j]
-                    if valid and abs(tot - 1.0) > err:
-                        err = abs(tot - 1.0)
+                    rows[k, i] = tot
+            err = _row_error(mask, rows)
             if err <= tol:
                 break
     for k in range(b):
@@ -362,6 +376,7 @@ def _sinkhorn_log_nb(
     g = np.zeros((b, c))
     buf_r = np.empty(c)
     buf_c = np.empty(r)
+    rows = np.empty((b, r))
     err = np.inf
     it = 0
     for it in range(1, max_iter + 1):
@@ -376,17 +391,13 @@ def _sinkhorn_log_nb(
                 ge = -_lse_0(buf_c)
                 g[k, j] = ge if square[k] or ge < 0.0 else 0.0
         if it % check_every == 0 or it == max_iter:
-            err = 0.0
             for k in range(b):
                 for i in range(r):
-                    valid = False
                     tot = 0.0
                     for j in range(c):
-                        if mask[k, i, j]:
-                            valid = True
                         tot += math.exp(L[k, i, j] + f[k, i] + g[k, j])
-                    if valid and abs(tot - 1.0) > err:
-                        err = abs(tot - 1.0)
+                    rows[k, i] = tot
+            err = _row_error(mask, rows)
             if err <= tol:
                 break
     for k in range(b):

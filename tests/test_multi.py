@@ -161,6 +161,98 @@ def test_gamgm_accepts_a_synchronized_start():
     assert accuracy(res, T) == 1.0
 
 
+def test_upper_bound_holds_and_isomorphic_graphs_attain_it():
+    from qapfuse.solvers.multi.objective import _KBObjective
+
+    A, _ = noisy_graph_set(5, 7, noise=0.2, seed=11)
+    obj = _KBObjective(A, None, 0.7, xp=np)
+    bound = obj.upper_bound()
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # random universe matchings never beat the bound
+        U = np.stack([np.eye(7)[rng.permutation(7)] for _ in range(5)])
+        assert obj.score(U) <= bound
+    assert _KBObjective(A, np.zeros((35, 35)), 1.0, xp=np).upper_bound() is None
+    # exactly isomorphic graphs: the start attains the bound and is returned as it is
+    A0, T0 = noisy_graph_set(6, 9, noise=0.0, seed=12)
+    res = gamgm(A0)
+    assert res.info["picked"] == "start (attains the upper bound)"
+    assert res.info["refine_sweeps"] == 0
+    assert res.score == pytest.approx(_KBObjective(A0, None, 1.0, xp=np).upper_bound())
+    assert accuracy(res, T0) == 1.0
+    # noisy graphs cannot attain it: the Hungarian phase runs
+    assert gamgm(A).info["refine_sweeps"] >= 1
+
+
+def test_gamgm_reaches_the_planted_solution_at_high_noise():
+    from qapfuse.bench.mgm import graph_set
+    from qapfuse.solvers.multi.objective import _KBObjective
+
+    # Seeds where pairwise RRWM is mostly wrong (accuracy < 0.5): the tabu-polished pairwise
+    # start is what lets gamgm find the planted matchings here.
+    for seed in (2035, 3035):
+        A, T = graph_set(8, 20, noise=0.3, rng=seed)
+        assert pairwise_rrwm_accuracy(A, T) < 0.5
+        res = gamgm(A)
+        planted = np.stack([T[i, 0] for i in range(8)])  # graph 0's nodes as the universe
+        assert res.score >= _KBObjective(A, None, 1.0, xp=np).score(planted) - 1e-9
+        assert accuracy(res, T) == 1.0
+
+
+def test_pair_polish_never_lowers_a_pair_score():
+    from qapfuse import rrwm
+    from qapfuse.solvers.multi._pairwise import _polish_pairs
+
+    A, _ = noisy_graph_set(6, 12, noise=0.4, seed=13)
+    pi, pj = np.triu_indices(6, 1)
+
+    def pairs(k):
+        return Problem.koopmans_beckmann(A[pi[k]], A[pj[k]])
+
+    prob = pairs(np.arange(pi.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        X = rrwm(prob).X
+    Y = _polish_pairs(prob, X, pairs, 100 * 12, rng=0)
+    before, after = prob.score(X), prob.score(Y)
+    assert np.all(after >= before - 1e-9)
+    assert np.any(after > before + 1e-6)  # at this noise some RRWM answers are improvable
+    for y in Y:  # still permutations
+        np.testing.assert_array_equal(y.sum(axis=0), np.ones(12))
+        np.testing.assert_array_equal(y.sum(axis=1), np.ones(12))
+
+
+def test_relayed_candidates_put_a_misplaced_graph_back():
+    from qapfuse.bench.mgm import graph_set
+    from qapfuse.solvers.multi._sweeps import _consensus_sweeps, _relay_pass, _relayed
+    from qapfuse.solvers.multi.objective import _KBObjective
+
+    A, T = graph_set(6, 10, noise=0.05, outliers=2, rng=5)
+    N = A.shape[1]
+    m, ns = 6, np.full(6, N)
+    # a consistent universe whose inliers follow the truth; graph 4 is placed at random
+    U = np.zeros((m, N, N))
+    U[0] = np.eye(N)
+    for i in range(1, m):
+        U[i] = T[i, 0] @ U[0]
+        free_rows = np.nonzero(U[i].sum(axis=1) == 0)[0]
+        free_cols = np.nonzero(U[i].sum(axis=0) == 0)[0]
+        U[i, free_rows, free_cols] = 1.0
+    good = U[4].copy()
+    U[4] = np.eye(N)[np.random.default_rng(1).permutation(N)]
+    relay = np.einsum("iab,jcb->ijac", U, U)  # pairwise matchings that agree with U ...
+    relay[4] = np.stack([good @ U[j].T for j in range(m)])  # ... and graph 4's right pairs
+    relay[:, 4] = np.transpose(relay[4], (0, 2, 1))
+    cands = _relayed(relay, U, 4, ns, xp=np)
+    assert len(cands) == m - 1
+    assert all(np.array_equal(c, good) for c in cands)
+    obj = _KBObjective(A, None, 1.0, xp=np)
+    fixed = _relay_pass(obj, U, ns, relay, xp=np)
+    np.testing.assert_array_equal(fixed[4], good)
+    np.testing.assert_array_equal(np.delete(fixed, 4, axis=0), np.delete(U, 4, axis=0))
+    _, score, _ = _consensus_sweeps(obj, U, ns, 3, xp=np, relay=relay)
+    assert score >= obj.score(fixed) - 1e-9
+
+
 def test_gamgm_numpy_equals_torch():
     torch = pytest.importorskip("torch")
     A, T = noisy_graph_set(5, 7, noise=0.15, seed=7)

@@ -23,7 +23,7 @@ from ._sinkhorn import SinkhornWarm
 from ._sweeps import _consensus_sweeps, _pair_sweeps
 from .objective import _KBObjective
 from .result import MultiMatchResult
-from .sync import _sync_blocks
+from .sync import _consistent_universe, _sync_blocks
 
 INITS = ("rrwm", "ga", "uniform")
 
@@ -53,7 +53,7 @@ def _run(
     square = backend.asarray_on((ns == d)[:, None, None], xp=xp, device=device)
 
     # Starts (pairwise matchings + synchronisation, a given U, or uniform).
-    init_name, starts = _initial(
+    init_name, starts, relay = _initial(
         init, pairwise, ns, nrow, d, opts.get("rng"), caller, xp=xp, dtype=dtype, device=device
     )
     if not starts:
@@ -66,7 +66,13 @@ def _run(
     stages = max(1, math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9) + 1)
     runs = []
     n_iter = 0
+    bound, certified = obj.upper_bound(), False
     for U0, hard in starts:
+        if hard and bound is not None:
+            s0 = obj.score(U0)
+            if s0 >= bound - 1e-10 * max(1.0, abs(bound)):  # optimal: nothing can improve it
+                runs, certified = [(s0, U0, U0, [], 0.0, "start (attains the upper bound)")], True
+                break
         if hard and _is_fixed_point(obj, U0, ns, xp=xp):
             # the cold update maps this start to itself: annealing would only return to it
             runs.append((obj.score(U0), U0, U0, [], 0.0, "start (fixed point)"))
@@ -88,14 +94,18 @@ def _run(
         )
 
     # Hungarian phase: graph-by-graph improvement sweeps from the best rounded answer.
-    refine = _consensus_sweeps if isinstance(obj, _KBObjective) else _pair_sweeps
     info: dict[str, Any] = {
         "history": history,
         "init": init_name,
         "candidates": [(r[5], r[0]) for r in runs],
         "picked": picked,
     }
-    U_hard, score, used = refine(obj, U_hard, ns, sweeps, xp=xp)
+    if certified:
+        used = 0
+    elif isinstance(obj, _KBObjective):
+        U_hard, score, used = _consensus_sweeps(obj, U_hard, ns, sweeps, xp=xp, relay=relay)
+    else:
+        U_hard, score, used = _pair_sweeps(obj, U_hard, ns, sweeps, xp=xp)
     info["refine_sweeps"] = used
     return MultiMatchResult(
         U=U_hard[:, : int(ns.max()), :],
@@ -160,8 +170,11 @@ def _initial(
     xp: Any,
     dtype: Any,
     device: Any,
-) -> tuple[str, list[tuple[Array, bool]]]:
-    """Starts ``(U, is_hard)``: pairwise + synchronisation (and the star), or the given one."""
+) -> tuple[str, list[tuple[Array, bool]], Array | None]:
+    """Starts ``(U, is_hard)``: pairwise + synchronisation (and the star), or the given one.
+
+    Also returns the pairwise matchings (m, m, nrow, nrow) behind the starts, or None.
+    """
     m = ns.shape[0]
     if isinstance(init, str):
         if init not in INITS:
@@ -169,20 +182,23 @@ def _initial(
 
             check_choice(init, "init", caller, INITS)
         if init == "uniform":
-            return "uniform", []
+            return "uniform", [], None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pairwise non-convergence is fine for a start
             Xb, star_only = pairwise(init)
-        U, _ = _sync_blocks(Xb, ns, d, xp=xp)
+        if star_only:
+            U = _star_universe(Xb, ns, d, xp=xp)
+        else:
+            U, _ = _sync_blocks(Xb, ns, d, xp=xp)
         starts = [(U, True)]
         if not star_only:  # also the star around the largest graph, read off the same pairs
             ref = int(np.argmax(ns))
             touch = np.zeros((m, m), dtype=bool)
             touch[ref, :] = touch[:, ref] = True
             keep = backend.asarray_on(touch[:, :, None, None], xp=xp, device=device)
-            U_star, _ = _sync_blocks(xp.where(keep, Xb, xp.zeros_like(Xb)), ns, d, xp=xp)
+            U_star = _star_universe(xp.where(keep, Xb, xp.zeros_like(Xb)), ns, d, xp=xp)
             starts.append((U_star, True))
-        return f"{init}+synchronize", starts
+        return f"{init}+synchronize", starts, Xb
     if isinstance(init, MultiMatchResult):
         if not np.array_equal(init.ns, ns) or init.n_univ != d:
             raise ValueError(
@@ -216,7 +232,15 @@ def _initial(
     mask = backend.asarray_on(_row_mask(ns, nrow)[:, :, None], xp=xp, device=device)
     U0 = xp.where(mask, U0, xp.zeros_like(U0))
     hard = bool(xp.all((U0 == 0) | (U0 == 1)))
-    return "given", [(U0, hard)]
+    return "given", [(U0, hard)], None
+
+
+def _star_universe(Xb: Array, ns: np.ndarray, d: int, *, xp: Any) -> Array:
+    """Universe matchings from a star of pairs around the largest graph (no cycles: exact)."""
+    U = _consistent_universe(Xb, ns, d, complete=False)
+    if U is None:  # a node left unmatched to the largest graph: the spectral route places it
+        return _sync_blocks(Xb, ns, d, xp=xp)[0]
+    return backend.from_numpy(U, like=Xb)
 
 
 def _round(U: Array, ns: np.ndarray, *, xp: Any) -> Array:

@@ -14,6 +14,45 @@ from ...problem import Problem
 from .objective import _KBObjective, _PairObjective
 
 
+def _relayed(relay: Array, U: Array, i: int, ns: np.ndarray, *, xp: Any) -> list[Array]:
+    """Graph ``i`` re-aligned through each of its pairwise matchings: ``round(X_ij U_j)``.
+
+    One candidate ``U_i`` (n_i, d) per graph ``j`` whose pair with ``i`` was matched. A graph
+    that the start placed wrongly as a whole (the annealing and 2-opt cannot move it back) is
+    often matched correctly to some other graph on its own; this carries that pair over.
+    """
+    from ._annealing import _round
+
+    n_i = int(ns[i])
+    js = [j for j in range(U.shape[0]) if j != i and bool(xp.any(relay[i, j] != 0))]
+    if not js:
+        return []
+    C = xp.stack([xp.matmul(relay[i, j], U[j]) for j in js])  # (k, nrow, d)
+    C = _round(C, np.full(len(js), n_i), xp=xp)
+    return [C[k, :n_i, :] for k in range(len(js))]
+
+
+def _relay_pass(obj: _KBObjective, U: Array, ns: np.ndarray, relay: Array, *, xp: Any) -> Array:
+    """Each graph in turn takes its best relayed placement (:func:`_relayed`) if ``F`` grows.
+
+    With the others fixed, ``F`` differs from graph ``i``'s local score by a constant, so the
+    candidates are compared on :meth:`_KBObjective.local_problem`. This runs before any other
+    move, while the rest of the universe still agrees with the pairs the candidates come from.
+    """
+    for i in range(U.shape[0]):
+        n_i = int(ns[i])
+        prob = obj.local_problem(U, i, n_i)
+        current = float(prob.score(U[None, i, :n_i, :])[0])
+        cands = _relayed(relay, U, i, ns, xp=xp)
+        if not cands:
+            continue
+        scores = [float(prob.score(c[None, ...])[0]) for c in cands]
+        k = int(np.argmax(scores))
+        if scores[k] > current + 1e-9 * max(1.0, abs(current)):
+            U = _replace_graph(U, i, cands[k], xp=xp)
+    return U
+
+
 def _hungarian_sweeps(
     obj: Any, U: Array, ns: np.ndarray, sweeps: int, *, xp: Any
 ) -> tuple[Array, float, int]:
@@ -44,7 +83,13 @@ def _hungarian_sweeps(
 
 
 def _consensus_sweeps(
-    obj: _KBObjective, U: Array, ns: np.ndarray, sweeps: int, *, xp: Any
+    obj: _KBObjective,
+    U: Array,
+    ns: np.ndarray,
+    sweeps: int,
+    *,
+    xp: Any,
+    relay: Array | None = None,
 ) -> tuple[Array, float, int]:
     """Block-coordinate ascent: re-match each graph to the sum of the others, aligned.
 
@@ -53,10 +98,13 @@ def _consensus_sweeps(
     averages out. A sweep runs 2-opt on each graph in turn against the current others,
     from the best of the current ``U_i`` and, in the first sweep and whenever 2-opt alone is
     stuck (at most twice), proposals for all graphs from RRWM and a short GA (one batch each);
-    a change is kept when ``F`` grows.
+    a change is kept when ``F`` grows. With the pairwise matchings of the start (`relay`), a
+    first pass re-aligns graphs through their pairs (:func:`_relay_pass`).
     """
     from ..local import two_opt
 
+    if relay is not None:
+        U = _relay_pass(obj, U, ns, relay, xp=xp)
     best = obj.score(U)
     m = U.shape[0]
     used = 0

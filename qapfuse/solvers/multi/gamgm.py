@@ -37,6 +37,7 @@ OPTIONS: dict[str, Option] = {
 _OPTIONS_KB: dict[str, Option] = {
     **OPTIONS,
     "init_pairs": Option("choice", choices=("auto", "all", "star")),
+    "pair_tabu": Option("int", low=0),
     "quad_weight": Option("float", low=0, low_inclusive=True),
 }
 
@@ -53,6 +54,7 @@ def gamgm(
     quad_weight: float = 1.0,
     init: Any = "rrwm",
     init_pairs: str = "auto",
+    pair_tabu: int = 200,
     tau0: float = 0.05,
     tau_min: float = 1e-3,
     decay: float = 0.5,
@@ -79,9 +81,14 @@ def gamgm(
 
     The start matters: from a uniform start with ``W = 0`` the update sits at the symmetric
     saddle (all ``U_i`` uniform), which is why pygmtools' ``gamgm`` matches few nodes without
-    node similarities. The default start solves graph pairs with RRWM and synchronises them
-    (:func:`synchronize`); the annealing runs from that and from the star around the largest
-    graph, and the better rounded answer goes on to the Hungarian phase.
+    node similarities. The default start solves graph pairs with RRWM, polishes them by local
+    search (`pair_tabu`) and synchronises them (:func:`synchronize`); the annealing runs from
+    that and from the star around the largest graph, and the better rounded answer goes on to
+    the Hungarian phase, which first re-places each graph through each of its pairwise
+    matchings (``X_ij U_j``) where that raises ``F`` (it puts back a graph that the start
+    misplaced as a whole). Without node similarities, a start whose score attains the upper
+    bound ``quad_weight sum_{i<j} ||A_i||_F ||A_j||_F`` (isomorphic graphs) is optimal and is
+    returned at once (``info["picked"]`` says so).
 
     Parameters
     ----------
@@ -120,12 +127,18 @@ def gamgm(
         (simultaneous updates of all graphs can oscillate without it).
     hungarian_sweeps : int >= 0
         Most sweeps over the graphs in the Hungarian phase (0: plain rounding).
+    pair_tabu : int >= 0
+        Polish of the pairwise start: every pair's answer goes through 2-opt, and the pairs
+        that 2-opt improved (the answer was not even a local optimum, a sign of a wrong match)
+        get robust tabu search (:func:`~qapfuse.solvers.local.tabu`) for ``pair_tabu * n``
+        iterations. 0: the pairwise answers as they are.
     init_pairs : {"auto", "all", "star"}
         Pairs solved for the pairwise start: all ``m (m - 1) / 2`` of them, or the ``m - 1``
         pairs with the largest graph (faster, less robust at high noise). ``"auto"``: all when
         ``m (m - 1) / 2 * n^2 <= 100000`` (the pairwise stage's cost), else the star.
     rng : None, int, numpy.random.Generator or torch.Generator
-        Randomness of the ``"uniform"`` start. Same seed and backend, same answer.
+        Randomness of the ``"uniform"`` start and of the tabu searches. Same seed and
+        backend, same answer; ``None`` seeds the tabu searches with 0 (reproducible).
 
     Returns
     -------
@@ -182,6 +195,7 @@ def gamgm(
             quad_weight=quad_weight,
             init=init,
             init_pairs=init_pairs,
+            pair_tabu=pair_tabu,
             tau0=tau0,
             tau_min=tau_min,
             decay=decay,
@@ -220,7 +234,17 @@ def gamgm(
         pairs = opts["init_pairs"]
         if pairs == "auto":  # all pairs unless their cost (pairs x n^2) is large
             pairs = "all" if m * (m - 1) // 2 * n * n <= AUTO_PAIRS_BUDGET else "star"
-        Xb = _pairwise_kb(A, Wbar, ns_np, opts["quad_weight"], method, pairs=pairs, xp=xp)
+        Xb = _pairwise_kb(
+            A,
+            Wbar,
+            ns_np,
+            opts["quad_weight"],
+            method,
+            pairs=pairs,
+            tabu_per_node=opts["pair_tabu"],
+            rng=opts["rng"],
+            xp=xp,
+        )
         return Xb, pairs == "star"
 
     return _run(obj, ns_np, n, d, opts, pairwise, caller, start, xp=xp, dtype=dtype, device=dev)

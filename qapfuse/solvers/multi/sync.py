@@ -100,6 +100,10 @@ def synchronize(
 def _sync_blocks(Xb: Array, ns: np.ndarray, d: int, *, xp: Any) -> tuple[Array, np.ndarray]:
     """Validated blocks (m, m, r, r) with zero padding -> hard U (m, r, d), top eigenvalues."""
     m, _, r, _ = Xb.shape
+    U = _consistent_universe(Xb, ns, d, complete=True)
+    if U is not None:  # already consistent: Z = U U^T exactly, its eigenvalues are U's counts
+        counts = np.sort(U.sum(axis=(0, 1)))[::-1]
+        return backend.from_numpy(U, like=Xb), counts
     N = m * r
     eye = xp.eye(r, dtype=Xb.dtype, device=backend.device(Xb))
     rows = backend.asarray_on(_row_mask(ns, r), xp=xp, device=backend.device(Xb))
@@ -116,6 +120,35 @@ def _sync_blocks(Xb: Array, ns: np.ndarray, d: int, *, xp: Any) -> tuple[Array, 
     emb = backend.to_numpy(V).astype(np.float64) * np.sqrt(np.maximum(ev, 0.0))[None, :]
     U = _project_universe(emb.reshape(m, r, d), ns, d)
     return backend.from_numpy(U, like=Xb), ev
+
+
+def _consistent_universe(Xb: Array, ns: np.ndarray, d: int, *, complete: bool) -> np.ndarray | None:
+    """Hard ``U`` (m, r, d) read off the largest graph's pairs, if every given pair agrees.
+
+    The largest graph's nodes are the first universe nodes and graph ``i`` takes them through
+    its matching with it (``U_i = X_i,ref U_ref``). Returned when the blocks are 0/1, every node
+    is matched to the largest graph, and every non-zero block ``X_ij`` equals ``U_i U_j^T``
+    (with `complete`, every pair must also be given); else None. For consistent input (or a
+    star of pairs, which has no cycle to disagree on) this is the exact synchronisation.
+    """
+    X = backend.to_numpy(Xb).astype(np.float64)
+    m, _, r, _ = X.shape
+    if not np.all((X == 0) | (X == 1)):
+        return None
+    ref = int(np.argmax(ns))
+    U = np.zeros((m, r, d))
+    U[ref, np.arange(ns[ref]), np.arange(ns[ref])] = 1.0
+    for i in range(m):
+        if i != ref:
+            U[i] = X[i, ref] @ U[ref]
+            if not np.array_equal(U[i, : ns[i]].sum(axis=1), np.ones(ns[i])):
+                return None
+    for i in range(m):
+        for j in range(i + 1, m):
+            given = bool(X[i, j].any())
+            if (complete and not given) or (given and not np.array_equal(X[i, j], U[i] @ U[j].T)):
+                return None
+    return U
 
 
 def _top_eigenvectors(

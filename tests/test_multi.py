@@ -336,6 +336,27 @@ def test_synchronize_repairs_a_few_corrupted_pairs(m):
     assert ev.shape == (12,) and ev.min() > m / 2
 
 
+def test_synchronize_of_consistent_input_keeps_it_and_gives_the_spectrum():
+    _, T = noisy_graph_set(5, 6, seed=14)
+    ns = [6, 5, 6, 4, 6]
+    X = {(i, j): T[i, j][: ns[i], : ns[j]] for i, j in itertools.combinations(range(5), 2)}
+    res = synchronize(X)
+    for (i, j), M in X.items():
+        np.testing.assert_array_equal(res[i, j], M)
+    # the block matrix Z (identities on the diagonal) and its top eigenvalues, computed densely
+    offsets = np.concatenate([[0], np.cumsum(ns)])
+    Z = np.zeros((offsets[-1], offsets[-1]))
+    for i in range(5):
+        for j in range(5):
+            M = np.eye(ns[i]) if i == j else T[i, j][: ns[i], : ns[j]]
+            Z[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]] = M
+    top = np.sort(np.linalg.eigvalsh(Z))[::-1][:6]
+    np.testing.assert_allclose(res.info["eigenvalues"], top, atol=1e-9)
+    # one corrupted pair: not consistent any more, the spectral route runs and repairs it
+    X[(1, 3)] = X[(1, 3)][[1, 0, 2, 3, 4], :]
+    assert consistency(synchronize(X)) == 1.0
+
+
 def test_synchronize_numpy_equals_torch_and_array_form():
     torch = pytest.importorskip("torch")
     _, T = noisy_graph_set(6, 8, seed=12)

@@ -54,7 +54,10 @@ def synchronize(
     Notes
     -----
     The eigen-decomposition is dense (``O((sum n_i)^3)``) and runs in the input's library and
-    device; the projection (``m`` small assignment problems) runs on the host.
+    device; the projection (``m`` small assignment problems) runs on the host. Input that is
+    already consistent (0/1 matchings for every pair, agreeing around every cycle, every node
+    matched to the largest graph) skips it: ``U`` is read off the largest graph's pairs and the
+    eigenvalues are the universe nodes' counts, which is what the decomposition would give.
 
     References
     ----------

@@ -211,8 +211,9 @@ def test_pair_polish_never_lowers_a_pair_score():
     prob = pairs(np.arange(pi.size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        X = rrwm(prob).X
-    Y = _polish_pairs(prob, X, pairs, 100 * 12, rng=0)
+        res = rrwm(prob)
+    X = res.X
+    Y = _polish_pairs(prob, res, pairs, 100 * 12, rng=0)
     before, after = prob.score(X), prob.score(Y)
     assert np.all(after >= before - 1e-9)
     assert np.any(after > before + 1e-6)  # at this noise some RRWM answers are improvable

@@ -68,21 +68,21 @@ def _run(
     n_iter = 0
     bound, certified = obj.upper_bound(), False
     for U0, hard in starts:
-        if hard and bound is not None:
-            s0 = obj.score(U0)
-            if s0 >= bound - 1e-10 * max(1.0, abs(bound)):  # optimal: nothing can improve it
-                runs, certified = [(s0, U0, U0, [], 0.0, "start (attains the upper bound)")], True
-                break
+        s0 = obj.score(U0) if hard else None
+        if hard and bound is not None and s0 >= bound - 1e-10 * max(1.0, abs(bound)):
+            # optimal: nothing can improve it
+            runs, certified = [(s0, U0, U0, [], 0.0, "start (attains the upper bound)")], True
+            break
         if hard and _is_fixed_point(obj, U0, ns, xp=xp):
             # the cold update maps this start to itself: annealing would only return to it
-            runs.append((obj.score(U0), U0, U0, [], 0.0, "start (fixed point)"))
+            runs.append((s0, U0, U0, [], 0.0, "start (fixed point)"))
             continue
         U, history, n_it, change = _anneal(obj, U0, mask, square, stages, opts, xp=xp)
         n_iter += n_it
         U_hard = _round(U, ns, xp=xp)
         runs.append((obj.score(U_hard), U_hard, U, history, change, "annealed"))
         if hard:
-            runs.append((obj.score(U0), U0, U, history, change, "start"))
+            runs.append((s0, U0, U, history, change, "start"))
     best = max(range(len(runs)), key=lambda k: runs[k][0])
     score, U_hard, soft, history, change, picked = runs[best]
     converged = change < tol

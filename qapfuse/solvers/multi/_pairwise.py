@@ -10,6 +10,7 @@ import numpy as np
 from ... import backend
 from ...backend import Array
 from ...problem import Problem
+from ..result import MatchResult
 from .objective import _Group
 
 
@@ -65,9 +66,10 @@ def _pairwise_kb(
         )
 
     prob = pair_problems(np.arange(a.shape[0]))
-    X = _pairwise_solver(method)(prob).X  # (P, n, n), X_ab
+    res = _pairwise_solver(method)(prob)
+    X = res.X  # (P, n, n), X_ab
     if tabu_per_node > 0:
-        X = _polish_pairs(prob, X, pair_problems, tabu_per_node * n, rng)
+        X = _polish_pairs(prob, res, pair_problems, tabu_per_node * n, rng)
     Xt = xp.permute_dims(X, (0, 2, 1))
     sw = backend.asarray_on(swap[:, None, None], xp=xp, device=dev)
     X = xp.where(sw, Xt, X)  # X_ij for i < j
@@ -76,12 +78,13 @@ def _pairwise_kb(
 
 def _polish_pairs(
     prob: Problem,
-    X: Array,
+    res: MatchResult,
     pair_problems: Callable[[np.ndarray], Problem],
     tabu_iter: int,
     rng: Any,
 ) -> Array:
-    """2-opt on every pair's answer; robust tabu search (`tabu_iter`) where 2-opt improved it.
+    """2-opt on every pair's answer (`res`, a solver's result on the batch `prob`); robust tabu
+    search (`tabu_iter`) where 2-opt improved it.
 
     A pairwise answer that 2-opt can improve was not even a local optimum: in the benchmark
     sets such pairs were wrong as a whole, while answers 2-opt left alone were right, so the
@@ -91,9 +94,10 @@ def _polish_pairs(
     """
     from ..local import tabu, two_opt
 
-    X2 = two_opt(prob, x0=X).X
-    before = backend.to_numpy(prob.score(X)).astype(np.float64)
-    after = backend.to_numpy(prob.score(X2)).astype(np.float64)
+    polished = two_opt(prob, x0=res.X)
+    X2 = polished.X
+    before = np.asarray(res.score, dtype=np.float64)  # the solvers score their hard answers
+    after = np.asarray(polished.score, dtype=np.float64)
     redo = np.nonzero(after > before + 1e-9 * np.maximum(1.0, np.abs(before)))[0]
     if redo.size == 0:
         return X2

@@ -127,15 +127,15 @@ def gamgm(
         (simultaneous updates of all graphs can oscillate without it).
     hungarian_sweeps : int >= 0
         Most sweeps over the graphs in the Hungarian phase (0: plain rounding).
+    init_pairs : {"auto", "all", "star"}
+        Pairs solved for the pairwise start: all ``m (m - 1) / 2`` of them, or the ``m - 1``
+        pairs with the largest graph (faster, less robust at high noise). ``"auto"``: all when
+        ``m (m - 1) / 2 * n^2 <= 100000`` (the pairwise stage's cost), else the star.
     pair_tabu : int >= 0
         Polish of the pairwise start: every pair's answer goes through 2-opt, and the pairs
         that 2-opt improved (the answer was not even a local optimum, a sign of a wrong match)
         get robust tabu search (:func:`~qapfuse.solvers.local.tabu`) for ``pair_tabu * n``
         iterations. 0: the pairwise answers as they are.
-    init_pairs : {"auto", "all", "star"}
-        Pairs solved for the pairwise start: all ``m (m - 1) / 2`` of them, or the ``m - 1``
-        pairs with the largest graph (faster, less robust at high noise). ``"auto"``: all when
-        ``m (m - 1) / 2 * n^2 <= 100000`` (the pairwise stage's cost), else the star.
     rng : None, int, numpy.random.Generator or torch.Generator
         Randomness of the ``"uniform"`` start and of the tabu searches. Same seed and
         backend, same answer; ``None`` seeds the tabu searches with 0 (reproducible).

@@ -5,6 +5,17 @@ Part 1 (this package so far): :func:`trace` derives a :class:`PermutationSpec` f
 state dict into a :class:`NetworkGraph` and back. See ``docs/fusion.md``.
 """
 
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as exc:  # torch is an optional dependency of the QAP core
+    if exc.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        "qapfuse.fusion needs torch, which is not installed: "
+        "pip install 'qapfuse[fusion]' (or install a torch build for your machine first).",
+        name="torch",
+    ) from None
+
 from .graph import Edge, NetworkGraph, NodeFeature, from_graph, to_graph
 from .permute import identity_permutations, permute, random_permutations
 from .spec import (

@@ -1,9 +1,12 @@
-"""Smoke tests of the benchmark runners (``qapfuse bench gm|qaplib``) at tiny sizes."""
+"""The benchmark runners (``qapfuse bench SUITE``): smoke tests at tiny sizes, where reports go,
+progress and errors."""
 
 from __future__ import annotations
 
 import csv
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,161 @@ def test_qaplib_runner_writes_csv_and_markdown(tmp_path):
     md = (tmp_path / "q_smoke.md").read_text(encoding="utf-8")
     assert "qapfuse bench qaplib " + " ".join(args) in md
     assert "## Summary: all instances run" in md and "| had12 | 12 |" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# where reports go, and what the command says while it runs (through the `qapfuse` command)
+# ---------------------------------------------------------------------------------------------
+
+# The cheapest real run: one shipped instance, two methods (no pygmtools, no compiled kernels).
+TINY_QAPLIB = ["--quick", "--instances", "chr12a", "--methods", "scipy_faq", "qf_ga_kb"]
+
+
+def _cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    from qapfuse.cli import main as cli_main
+
+    code = cli_main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_default_report_folder_is_new_and_named_by_suite_and_time(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(capsys, ["bench", "qaplib", *TINY_QAPLIB])
+    assert code == 0, err
+    folders = list((tmp_path / "qapfuse-bench").iterdir())
+    assert len(folders) == 1 and re.fullmatch(r"qaplib-\d{8}-\d{6}", folders[0].name)
+    assert (folders[0] / "qaplib.csv").is_file() and (folders[0] / "qaplib.md").is_file()
+    assert not (tmp_path / "docs").exists()  # nothing written anywhere else
+    assert out.strip().splitlines()[-1].startswith(f"report written to {Path('qapfuse-bench')}")
+    assert folders[0].name in out
+
+
+def test_existing_report_is_kept_without_force(capsys, tmp_path):
+    md = tmp_path / "qaplib.md"
+    md.write_text("committed report\n", encoding="utf-8")
+    argv = ["bench", "qaplib", *TINY_QAPLIB, "--out", str(tmp_path)]
+    code, out, err = _cli(capsys, argv)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qapfuse: error: report files exist already")
+    assert "--force" in lines[0] and str(md) in lines[0]
+    assert md.read_text(encoding="utf-8") == "committed report\n"
+    assert not (tmp_path / "qaplib.csv").exists()  # refused before any work
+
+    code, out, err = _cli(capsys, [*argv, "--force"])
+    assert code == 0, err
+    assert "## Summary" in md.read_text(encoding="utf-8")
+    assert f"report written to {tmp_path}" in out
+
+
+def test_qaplib_reads_data_option_and_defaults_to_shipped_instances(capsys, tmp_path, monkeypatch):
+    from qapfuse.io import qaplib as qio
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for ext in (".dat", ".sln"):
+        shutil.copy(qio.example_path("had12").with_suffix(ext), data / f"zz12{ext}")
+    run = ["bench", "qaplib", "--methods", "scipy_faq", "--faq-starts", "1", "-q"]
+    code, _, err = _cli(capsys, [*run, "--data", str(data), "--out", str(tmp_path / "a")])
+    assert code == 0, err
+    assert {r["instance"] for r in _read_csv(tmp_path / "a" / "qaplib.csv")[1]} == {"zz12"}
+
+    # Without --data: the shipped folder (here replaced by `data`), no other path.
+    monkeypatch.setattr(qio, "examples_dir", lambda: data)
+    code, _, err = _cli(capsys, [*run, "--out", str(tmp_path / "b")])
+    assert code == 0, err
+    assert {r["instance"] for r in _read_csv(tmp_path / "b" / "qaplib.csv")[1]} == {"zz12"}
+
+
+def test_integer_objectives_stay_integers_in_the_report(tmp_path, capsys):
+    code, _, err = _cli(capsys, ["bench", "qaplib", *TINY_QAPLIB, "--out", str(tmp_path), "-q"])
+    assert code == 0, err
+    text = (tmp_path / "qaplib.csv").read_text(encoding="utf-8")
+    for row in _read_csv(tmp_path / "qaplib.csv")[1]:
+        assert re.fullmatch(r"\d+", row["objective"]) and row["best_known"] == "9552"
+    assert ".0," not in text
+    assert "| chr12a | 12 | 9552 |" in (tmp_path / "qaplib.md").read_text(encoding="utf-8")
+
+
+def test_quiet_bench_writes_nothing_on_stderr(capsys, tmp_path):
+    code, out, err = _cli(capsys, ["-q", "bench", "qaplib", *TINY_QAPLIB, "--out", str(tmp_path)])
+    assert code == 0
+    assert err == ""
+    assert "report written to" in out  # the result itself still goes to stdout
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_bench_reports_one_progress_line_per_row(capsys, tmp_path, where):
+    argv = ["bench", "qaplib", *TINY_QAPLIB, "--out", str(tmp_path)]
+    argv = ["-v", *argv] if where == "before" else [*argv, "-v"]  # -v anywhere; -v = debug
+    code, _, err = _cli(capsys, argv)
+    assert code == 0, err
+    progress = [ln for ln in err.splitlines() if ln.startswith("qapfuse: info: qaplib: chr12a")]
+    rows = _read_csv(tmp_path / "qaplib.csv")[1]
+    assert len(progress) == len(rows) == 2
+    for line, row in zip(progress, rows):
+        assert f"{row['method']}: objective {row['objective']} (best known 9552" in line
+    assert "qapfuse: debug: running benchmark suite 'qaplib'" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["bench", "qaplib", "--bogus"], "unrecognized arguments: --bogus"),
+        (["bench", "gm", "--sizes", "x"], "argument --sizes: invalid int value: 'x'"),
+        (["bench", "mgm", "--cases", "nope"], "argument --cases: invalid choice: 'nope'"),
+        (["bench", "affinity", "--repeats"], "argument --repeats: expected one argument"),
+        (["bench", "qaplib", "--data", "no/such/dir"], "--data 'no/such/dir' is not a folder"),
+        (["bench", "qaplib", "--instances", "nug13"], "--instances: no .dat for nug13"),
+        (["bench", "qapilb"], "did you mean 'qaplib'?"),
+    ],
+)
+def test_bench_errors_are_one_line_and_exit_2(capsys, argv, match):
+    code, out, err = _cli(capsys, argv)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("qapfuse: error: ") and match in lines[0]
+
+
+def test_bench_suite_help_exits_zero(capsys):
+    code, out, _ = _cli(capsys, ["bench", "qaplib", "--help"])
+    assert code == 0 and "--data" in out and "--force" in out and "--out" in out
+
+
+def test_mgm_runner_quick_smoke(capsys, tmp_path):
+    pytest.importorskip("pygmtools")
+    from qapfuse.bench.mgm import COLUMNS, METHODS
+
+    argv = ["bench", "mgm", "--quick", "--cases", "exact", "--out", str(tmp_path), "-q"]
+    code, out, err = _cli(capsys, argv)
+    assert code == 0, err
+    cols, rows = _read_csv(tmp_path / "mgm.csv")
+    assert cols == COLUMNS
+    assert {r["method"] for r in rows} == set(METHODS)
+    for r in rows:
+        assert (r["m"], r["n"], r["case"]) == ("4", "6", "exact")
+        if r["note"] == "":
+            assert 0.0 <= _num(r["accuracy"]) <= 1.0 and 0.0 <= _num(r["consistency"]) <= 1.0
+    gamgm = next(r for r in rows if r["method"] == "qapfuse gamgm")
+    assert _num(gamgm["consistency"]) == 1.0  # gamgm's matchings are cycle-consistent
+    assert "report written to" in out
+
+
+def test_affinity_runner_quick_smoke(capsys, tmp_path):
+    pytest.importorskip("pygmtools")
+    argv = ["bench", "affinity", "--quick", "--kernels", "inner", "--e2e-paths", "cand"]
+    code, _, err = _cli(capsys, [*argv, "--candidates", "5", "--out", str(tmp_path), "-q"])
+    assert code == 0, err
+    _, rows = _read_csv(tmp_path / "affinity.csv")
+    run = [r for r in rows if r["time_s"] != ""]
+    assert {(r["graph"], r["impl"]) for r in run} >= {
+        ("dense", "pygmtools"),
+        ("dense", "qf-dense64"),
+        ("delaunay", "qf-sparse32"),
+    }
+    assert all(_num(r["time_s"]) > 0 for r in run)
+    _, e2e = _read_csv(tmp_path / "affinity_e2e.csv")
+    assert len(e2e) == 1 and e2e[0]["error"] == "" and 0.0 <= _num(e2e[0]["f1"]) <= 1.0
+    assert "## Targets" in (tmp_path / "affinity.md").read_text(encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -192,9 +193,10 @@ def test_bench_forwards_every_argument(capsys, monkeypatch):
         return 3
 
     monkeypatch.setitem(sys.modules, "qapfuse.bench", types.SimpleNamespace(main=fake_main))
-    argv = ["bench", "gm", "--n", "5", "-v", "--out", "x.csv", "--help"]
+    argv = ["bench", "gm", "--n", "5", "-v", "--out", "x.csv", "--help", "--", "-q"]
     assert main(argv) == 3
-    assert calls == [["gm", "--n", "5", "-v", "--out", "x.csv", "--help"]]
+    # -v/-q are the command's own, wherever they stand (up to "--"); the rest is the suite's.
+    assert calls == [["gm", "--n", "5", "--out", "x.csv", "--help", "--", "-q"]]
     assert main(["bench", "qaplib"]) == 3
     assert calls[-1] == ["qaplib"]
 
@@ -215,13 +217,74 @@ def test_installed_console_script_reports_version():
 
 
 def test_default_pipeline_on_nug12(capsys):
-    code = main(["solve", "--example", "nug12", "--json"])
-    out, err = capsys.readouterr()
-    if code == 2 and "not available" in err:
-        pytest.skip("the default 'auto' pipeline is not implemented in this build yet")
-    assert code == 0, err
-    res = json.loads(out)
+    res = _solve_json(capsys, "--example", "nug12")
     assert res["method"] == "auto" and res["time_limit"] == 2.0
     assert sorted(res["permutation"]) == list(range(1, 13))
     assert res["gap"] <= 0.05  # tabu search reaches 578 (optimal) or very close on n = 12
-    assert res["time"] < 10
+
+
+def test_integer_objectives_print_as_integers(capsys):
+    res = _solve_json(capsys, "--example", "chr12a", *FAST)
+    assert type(res["objective"]) is int and type(res["best_known"]) is int
+    assert main(["-v", "solve", "--example", "chr12a", *FAST]) == 0
+    out, err = capsys.readouterr()
+    assert "best known value 9552 (from" in err
+    assert re.search(r"^objective    \d+$", out, re.M) and "best known   9552 (" in out
+
+
+def test_quiet_solve_prints_nothing_on_stderr(capsys):
+    # max_inner=1 makes ga stop early: a ConvergenceWarning that -q must keep off stderr.
+    assert main(["solve", "--example", "nug12", *FAST, "-O", "max_inner=1", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "objective" in out
+    assert main(["solve", "--example", "nug12", *FAST, "-O", "max_inner=1"]) == 0
+    assert "rerun with -v" in capsys.readouterr().err  # without -q: one summary line
+
+
+def test_verbose_is_accepted_after_the_subcommand_and_vv_adds_debug(capsys):
+    assert main(["solve", "-v", "--example", "nug12", *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "qapfuse: info: solving nug12" in err and "debug" not in err
+    assert main(["solve", "--example", "nug12", *FAST, "-vv"]) == 0
+    err = capsys.readouterr().err
+    assert "qapfuse: info: solving nug12" in err and "qapfuse: debug: " in err
+
+
+def test_option_values_are_typed_by_the_method(capsys, monkeypatch):
+    seen = {}
+    real = qapfuse.solve
+
+    def spy(problem, method, **kw):
+        seen.update(kw)
+        return real(problem, "ga", rng=kw["rng"])
+
+    monkeypatch.setattr(qapfuse, "solve", spy)
+    argv = ["--example", "nug12", "--method", "ga", "-O", "max_inner=60", "--option", "tau0=2.5"]
+    res = _solve_json(capsys, *argv)
+    assert seen["max_inner"] == 60 and type(seen["max_inner"]) is int
+    assert seen["tau0"] == 2.5 and type(seen["tau0"]) is float
+    assert res["options"] == {"max_inner": 60, "tau0": 2.5}
+
+
+def test_option_reaches_the_solver(capsys):
+    # One inner step per stage cannot converge on nug12: the warning names the cap that -O set.
+    assert main(["-v", "solve", "--example", "nug12", *FAST, "-O", "max_inner=1"]) == 0
+    assert "max_inner=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--seed", "-1"], "--seed must be a non-negative int"),
+        (["-O", "max_iner=3"], "'max_iner' (did you mean 'max_inner'?)"),
+        (["-O", "max_inner=0"], "-O max_inner must be an int >= 1. Got 0 instead."),
+        (["-O", "max_inner=x"], "-O max_inner must be an integer; got 'x'"),
+        (["-O", "tau0"], "-O expects KEY=VALUE"),
+        (["-O", "rng=3"], "-O rng: use --seed instead"),
+        (["-O", "x0=1"], "-O x0: an array cannot be given on the command line"),
+    ],
+)
+def test_errors_name_the_flags_the_user_typed(capsys, argv, match):
+    line = _one_line_error(capsys, ["solve", "--example", "nug12", "--method", "ga", *argv])
+    assert match in line
+    assert "'rng'" not in line and "parameter of" not in line

@@ -75,7 +75,7 @@ def test_every_sln_rescores_to_header_and_index(row):
     # load_instance finds the .sln beside the .dat and agrees
     inst = qaplib.load_instance(SHARED / f"{name}.dat")
     assert inst.name == name and inst.n == n
-    assert inst.best_known == float(row["best_known"])
+    assert inst.best_known == int(row["best_known"]) and isinstance(inst.best_known, int)
     np.testing.assert_array_equal(inst.best_perm, perm)
 
 
@@ -227,7 +227,8 @@ def test_load_instance_finds_sln_beside_and_respects_sln_argument(tmp_path):
     assert inst.best_known is None and inst.best_perm is None and inst.sln_path is None
     _write(tmp_path, "tiny.sln", "3 121\n1 2 3\n")
     inst = qaplib.load_instance(dat)
-    assert inst.name == "tiny" and inst.n == 3 and inst.best_known == 121.0
+    assert inst.name == "tiny" and inst.n == 3 and inst.best_known == 121
+    assert isinstance(inst.best_known, int)  # QAPLIB values are integers: kept as such
     np.testing.assert_array_equal(inst.best_perm, [0, 1, 2])
     assert inst.path == dat and inst.sln_path == tmp_path / "tiny.sln"
     other = _write(tmp_path, "other.sln", "3 131\n3 1 2\n")

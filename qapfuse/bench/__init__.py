@@ -16,8 +16,12 @@ affinity
     (:mod:`qapfuse.bench.affinity`).
 
 Each suite writes a CSV and a Markdown report (with the command that produced it, the machine
-and the date) into ``--out`` (default ``docs/benchmarks/``). ``--quick`` runs a tiny version
-(the smoke test). pygmtools is needed only by the benchmarks, never by the library.
+and the date) into a new folder ``qapfuse-bench/<suite>-<date>-<time>/`` in the working
+directory, or into ``--out DIR``; an existing report is never overwritten without ``--force``.
+The last line on stdout says where the report went; progress goes to the ``qapfuse.bench``
+logger, one line per measured row. ``--quick`` runs a tiny version (the smoke test). The suites
+need ``pip install 'qapfuse[bench]'`` (pygmtools, the baseline; matplotlib, the plots); the
+library never does.
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ log = logging.getLogger("qapfuse.bench")
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run the suite named by ``argv[0]`` with the options that follow; return an exit code."""
+    """Run the suite named by ``argv[0]`` with the options that follow; return an exit code.
+
+    Usage and input errors (unknown suite or option, missing data, a report that exists) print
+    one line ``qapfuse: error: ...`` on stderr and return 2.
+    """
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -52,4 +60,7 @@ def main(argv: Sequence[str]) -> int:
     else:
         log.error("unknown benchmark suite %r; choose one of %s", suite, ", ".join(SUITES))
         return 2
-    return int(run(rest))
+    try:
+        return int(run(rest))
+    except SystemExit as exc:  # the suite's parser: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

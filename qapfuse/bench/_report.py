@@ -1,7 +1,8 @@
-"""Shared pieces of the benchmark runners: timing, machine info, CSV and Markdown output."""
+"""Shared pieces of the benchmark runners: options, timing, machine info, CSV and Markdown."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -14,20 +15,89 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger("qapfuse.bench")
 
 __all__ = [
+    "DEFAULT_ROOT",
+    "SuiteParser",
+    "announce",
     "blas_threads",
     "command_line",
     "fmt",
     "machine_info",
     "markdown_table",
     "median",
+    "prepare_output",
+    "suite_parser",
     "timed",
     "write_csv",
 ]
+
+#: Parent of the default report folders, relative to the working directory.
+DEFAULT_ROOT = Path("qapfuse-bench")
+EXIT_USAGE = 2
+
+
+class SuiteParser(argparse.ArgumentParser):
+    """Options of one suite: a usage error is one line ``qapfuse: error: ...``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"qapfuse: error: {message} (see '{self.prog} --help')\n")
+
+
+def suite_parser(suite: str, description: str) -> SuiteParser:
+    """The parser of ``qapfuse bench SUITE`` with the output options every suite shares.
+
+    ``--out`` (default: a new folder ``qapfuse-bench/<suite>-<date>-<time>`` in the working
+    directory), ``--name`` (file stem, default `suite`) and ``--force`` (overwrite an existing
+    report); see :func:`prepare_output`.
+    """
+    p = SuiteParser(prog=f"qapfuse bench {suite}", description=description)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"report folder (default: a new folder {DEFAULT_ROOT}/{suite}-YYYYMMDD-HHMMSS)",
+    )
+    p.add_argument("--name", default=suite, help=f"file stem of the report (default {suite!r})")
+    p.add_argument("--force", action="store_true", help="overwrite an existing report in --out")
+    return p
+
+
+def prepare_output(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, suite: str, suffixes: Sequence[str]
+) -> list[Path]:
+    """Settle ``args.out`` and refuse to overwrite a report; return the report's paths.
+
+    Without ``--out`` the report goes to a new folder named by suite and time. The files
+    ``<out>/<name><suffix>`` must not exist unless ``--force`` is given: a committed report is
+    never replaced by accident. Called before any measurement, so a refusal costs nothing.
+    """
+    if args.out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = DEFAULT_ROOT / f"{suite}-{stamp}"
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} is not a folder")
+    paths = [out / f"{args.name}{suffix}" for suffix in suffixes]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.force:
+        parser.error(
+            f"report files exist already: {', '.join(existing)}; pass --force to overwrite "
+            "them, or choose another folder with --out"
+        )
+    return paths
+
+
+def announce(paths: Sequence[Path | None]) -> None:
+    """Say where the report went: one line on stdout (the command's result, kept under -q)."""
+    written = [p for p in paths if p is not None and p.exists()]
+    if written:
+        folder = written[0].parent
+        print(f"report written to {folder}/: {', '.join(p.name for p in written)}", flush=True)
 
 
 def timed(func: Callable[[], Any]) -> tuple[float, Any]:

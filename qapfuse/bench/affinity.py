@@ -39,7 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from ._report import command_line, header_block, machine_info, markdown_table, write_csv
+from ._report import (
+    announce,
+    command_line,
+    header_block,
+    machine_info,
+    markdown_table,
+    prepare_output,
+    suite_parser,
+    write_csv,
+)
 
 log = logging.getLogger("qapfuse.bench")
 
@@ -49,9 +58,8 @@ IMPLS = ("pygmtools", "qf-dense32", "qf-dense64", "qf-sparse32", "qf-operator32"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qapfuse bench affinity",
-        description="Affinity construction vs pygmtools, and end-to-end matching at scale.",
+    p = suite_parser(
+        "affinity", "Affinity construction vs pygmtools, and end-to-end matching at scale."
     )
     p.add_argument("--dense-sizes", type=int, nargs="*", default=[50, 100])
     p.add_argument("--delaunay-sizes", type=int, nargs="*", default=[200, 500])
@@ -70,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed builds per qapfuse case (best)")
     p.add_argument("--pygm-repeats", type=int, default=2, help="timed pygmtools builds (best)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    p.add_argument("--name", default="affinity", help="file stem of the CSV / Markdown report")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
@@ -285,7 +291,8 @@ def _spawn(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
 
 def run(argv: list[str]) -> int:
     """Run the affinity benchmark; write ``<name>.csv``/``<name>_e2e.csv`` and ``<name>.md``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.worker is not None:
         spec = json.loads(args.worker)
         out = _work_e2e(spec) if spec.get("e2e") else _work_build(spec)
@@ -294,8 +301,7 @@ def run(argv: list[str]) -> int:
     if args.quick:
         args.dense_sizes, args.delaunay_sizes, args.e2e_sizes = [12], [40], [60]
         args.repeats = args.pygm_repeats = 1
-    if not log.hasHandlers():
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    paths = prepare_output(parser, args, "affinity", (".csv", "_e2e.csv", ".md"))
     rows: list[dict[str, Any]] = []
     for graph, sizes in (("dense", args.dense_sizes), ("delaunay", args.delaunay_sizes)):
         for n in sizes:
@@ -321,7 +327,7 @@ def run(argv: list[str]) -> int:
                     }
                     res = _spawn(spec)
                     row.update(res)
-                    log.info("affinity %s n=%d %s %s: %s", graph, n, kernel, impl, res)
+                    log.info("affinity: %s n=%d %s %s: %s", graph, n, kernel, impl, _brief(res))
                     rows.append(row)
     e2e: list[dict[str, Any]] = []
     for n in args.e2e_sizes:
@@ -330,10 +336,19 @@ def run(argv: list[str]) -> int:
             spec["candidates"] = args.candidates if path == "cand" else None
             label = f"cand k={args.candidates}" if path == "cand" else "full"
             res = _spawn(spec)
-            log.info("affinity e2e n=%d %s: %s", n, label, res)
+            log.info("affinity: end to end n=%d %s: %s", n, label, _brief(res))
             e2e.append({"n": n, "path": label, **res})
     _write(args, argv, rows, e2e)
+    announce(paths)
     return 0
+
+
+def _brief(res: dict[str, Any]) -> str:
+    """What a progress line shows of one measurement: time, memory, F1 (or the error)."""
+    if "error" in res:
+        return f"failed: {res['error']}"
+    keys = ("time_s", "total_s", "peak_mb", "peak_rss_mb", "f1")
+    return ", ".join(f"{k}={res[k]:.3g}" for k in keys if isinstance(res.get(k), float))
 
 
 def _speedup(rows: list[dict[str, Any]], row: dict[str, Any], key: str) -> Any:
@@ -515,7 +530,6 @@ def _write(args: Any, argv: list[str], rows: list[dict[str, Any]], e2e: list[dic
     md.append("")
     md += ["## Targets (issue #3)", "", *_targets(rows, e2e), ""]
     (out / f"{args.name}.md").write_text("\n".join(md), encoding="utf-8")
-    log.info("wrote %s", out / f"{args.name}.md")
 
 
 def _targets(rows: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[str]:

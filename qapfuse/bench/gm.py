@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._report import (
+    announce,
     blas_threads,
     command_line,
     fmt,
@@ -35,7 +36,9 @@ from ._report import (
     machine_info,
     markdown_table,
     median,
+    prepare_output,
     save_plot,
+    suite_parser,
     timed,
     write_csv,
 )
@@ -70,9 +73,8 @@ COLUMNS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qapfuse bench gm",
-        description="Graph matching benchmark: pygmtools vs qapfuse on the same graph pairs.",
+    p = suite_parser(
+        "gm", "Graph matching benchmark: pygmtools vs qapfuse on the same graph pairs."
     )
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="node counts (10 30 50 100)")
     p.add_argument(
@@ -86,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.05, help="Sinkhorn temperature (LAP rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="BLAS threads for both libraries")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="output folder")
-    p.add_argument("--name", default="gm", help="file stem of the CSV / Markdown report")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
     return p
 
@@ -480,7 +480,9 @@ def _finite(x: Any) -> bool:
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the graph-matching benchmark with command-line options `argv`; return 0."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [6, 9] if args.quick else [10, 30, 50, 100]
     if args.quick:
@@ -488,8 +490,8 @@ def run(argv: list[str]) -> int:
     try:
         import pygmtools  # noqa: F401
     except ImportError:
-        log.error("bench gm needs pygmtools (pip install 'qapfuse[test]')")
-        return 2
+        parser.error("bench gm needs pygmtools: pip install 'qapfuse[bench]'")
+    paths = prepare_output(parser, args, "gm", (".csv", ".md", ".png"))
     command = command_line("gm", argv)
     rows: list[dict[str, Any]] = []
     qap = [m for m in args.solvers if m in QAP_SOLVERS]
@@ -497,14 +499,36 @@ def run(argv: list[str]) -> int:
     with blas_threads(args.threads) as threads_note, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning / pygmtools' runtime warnings
         info = machine_info(threads_note)
+        log.info("gm: warming up (imports, first calls) before any clock runs")
         _warm_up(args)
         for n in args.sizes:
             for case in args.cases:
                 if qap:
-                    log.info("gm: n=%d %s", n, case)
-                    rows += _qap_rows(n, case, qap, args, args.repeats)
+                    _log_rows(new := _qap_rows(n, case, qap, args, args.repeats))
+                    rows += new
             if lap:
-                rows += _lap_rows(n, lap, args, args.repeats)
-    csv_path, md_path = write_report(rows, args, command, info)
-    log.info("gm: wrote %s and %s", csv_path, md_path)
+                _log_rows(new := _lap_rows(n, lap, args, args.repeats))
+                rows += new
+    write_report(rows, args, command, info)
+    announce(paths)
     return 0
+
+
+def _log_rows(rows: list[dict[str, Any]]) -> None:
+    """One progress line per measured row: accuracy and time of each side."""
+    for r in rows:
+        pygm = "no pygmtools counterpart"
+        if r.get("pygm_solve_s") is not None:
+            pygm = (
+                f"pygmtools acc {fmt(r.get('pygm_acc'))} in {fmt(_ms(r['pygm_solve_s']))} ms, "
+                f"speedup {_x(r.get('speedup_dense_solve'))}"
+            )
+        log.info(
+            "gm: n=%d %s %s: qapfuse acc %s in %s ms; %s",
+            r["n"],
+            r["case"],
+            r["solver"],
+            fmt(r.get("qf_dense_acc")),
+            fmt(_ms(r.get("qf_dense_solve_s"))),
+            pygm,
+        )

@@ -3,7 +3,8 @@
 ``qapfuse bench mgm [options]`` draws sets of ``m`` noisy isomorphic graphs (optionally with
 outlier nodes), runs every method on the same set in one process, and reports pairwise
 accuracy against the ground truth, cycle consistency (:func:`qapfuse.solvers.multi.consistency`)
-and wall-clock time, as CSV and Markdown in ``--out`` (default ``docs/benchmarks/``).
+and wall-clock time, as CSV and Markdown in ``--out`` (default: a new folder
+``qapfuse-bench/mgm-<date>-<time>``).
 
 Methods
 -------
@@ -36,11 +37,14 @@ from typing import Any
 import numpy as np
 
 from ._report import (
+    announce,
     blas_threads,
     command_line,
     header_block,
     machine_info,
     markdown_table,
+    prepare_output,
+    suite_parser,
     write_csv,
 )
 
@@ -366,9 +370,8 @@ def write_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qapfuse bench mgm",
-        description="Multi-graph matching: qapfuse gamgm vs pygmtools gamgm, cao, mgm_floyd.",
+    p = suite_parser(
+        "mgm", "Multi-graph matching: qapfuse gamgm vs pygmtools gamgm, cao, mgm_floyd."
     )
     p.add_argument("--m", type=int, nargs="+", default=[8, 16], help="numbers of graphs")
     p.add_argument("--n", type=int, nargs="+", default=[20, 50], help="inlier nodes per graph")
@@ -383,24 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="BLAS threads for every method")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="output folder")
-    p.add_argument("--name", default="mgm", help="file stem of the CSV / Markdown report")
     p.add_argument("--quick", action="store_true", help="m=4, n=6, one trial (smoke test)")
     return p
 
 
 def run(argv: list[str]) -> int:
     """Run the multi-graph benchmark with command-line options `argv`; return an exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.quick:
         args.m, args.n, args.trials = [4], [6], 1
     try:
         import pygmtools  # noqa: F401
     except ImportError:
-        log.error("bench mgm needs pygmtools (pip install 'qapfuse[test]')")
-        return 2
-    if not logging.getLogger().handlers and not log.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        parser.error("bench mgm needs pygmtools: pip install 'qapfuse[bench]'")
+    paths = prepare_output(parser, args, "mgm", (".csv", ".md"))
     command = command_line("mgm", argv)
     rows: list[dict[str, Any]] = []
     with blas_threads(args.threads) as threads_note, warnings.catch_warnings():
@@ -408,6 +408,7 @@ def run(argv: list[str]) -> int:
         info = machine_info(threads_note)
         from ..solvers.local import warm_up
 
+        log.info("mgm: warming up (imports, compiled kernels) before any clock runs")
         warm_up()  # Numba: 2-opt and tabu kernels (gamgm's pair polish and Hungarian phase)
         _rows_for("exact", 3, 5, 99, args)  # warm-up: imports, the other kernels
         for case in args.cases:
@@ -416,6 +417,6 @@ def run(argv: list[str]) -> int:
                     for trial in range(args.trials):
                         rows += _rows_for(case, m, n, trial, args)
                     write_report(rows, args, command, info)  # partial results survive
-    csv_path, md_path = write_report(rows, args, command, info)
-    log.info("mgm: wrote %s and %s", csv_path, md_path)
+    write_report(rows, args, command, info)
+    announce(paths)
     return 0

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ._report import (
+    announce,
     blas_threads,
     command_line,
     fmt,
@@ -41,7 +42,9 @@ from ._report import (
     machine_info,
     markdown_table,
     median,
+    prepare_output,
     save_plot,
+    suite_parser,
     write_csv,
 )
 
@@ -67,22 +70,15 @@ BUDGET_METHODS = {"qf_auto_faq10", "qf_tabu_faq10"}
 COLUMNS = ["instance", "n", "best_known", "method", "objective", "gap", "time_s", "note"]
 
 
-def default_data_dir() -> Path:
-    """``../shared/qaplib`` next to the working directory if it exists, else the shipped set."""
-    for cand in (Path("../shared/qaplib"), Path("/work/shared/qaplib")):
-        if cand.is_dir():
-            return cand
-    from ..io import qaplib as qio
-
-    return Path(qio.example_path(qio.list_examples()[0])).parent
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qapfuse bench qaplib",
-        description="QAPLIB benchmark: qapfuse methods vs scipy and pygmtools.",
+    p = suite_parser("qaplib", "QAPLIB benchmark: qapfuse methods vs scipy and pygmtools.")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of .dat files with their .sln (default: the instances shipped with qapfuse)",
     )
-    p.add_argument("--data", type=Path, default=None, help="folder of .dat/.sln files")
     p.add_argument("--instances", nargs="+", default=None, help="instance names (default: all)")
     p.add_argument("--max-n", type=int, default=None, help="skip instances larger than this")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
@@ -97,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="BLAS threads")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="output folder")
-    p.add_argument("--name", default="qaplib", help="file stem of the CSV / Markdown report")
     p.add_argument(
         "--quick", action="store_true", help="3 small instances, short limits (smoke test)"
     )
@@ -110,25 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
-    from ..io import qaplib as qio
-
-    inst = qio.load_instance(path)
-    if inst.best_known is None:
-        raise ValueError(f"{path}: no .sln beside it; the gap needs the best known value.")
-    return inst.A.astype(np.float64), inst.B.astype(np.float64), float(inst.best_known)
-
-
-def _objective(A: np.ndarray, B: np.ndarray, perm: np.ndarray) -> float:
-    from ..io import qaplib as qio
-
-    return float(qio.objective(A, B, perm))
-
-
-def _gap(value: float, best: float) -> float:
-    from ..io import qaplib as qio
-
-    return float(qio.relative_gap(value, best))
+def _without_sln(paths: list[Path]) -> list[str]:
+    """Names of the instances with no ``.sln`` beside them (the gap needs a best known value)."""
+    return [p.stem for p in paths if not p.with_suffix(".sln").is_file()]
 
 
 def _perm_of(X: Any) -> np.ndarray:
@@ -443,27 +421,36 @@ def write_report(
 
 
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    data = args.data or default_data_dir()
+    """Run the QAPLIB benchmark with command-line options `argv`; return 0."""
+    from ..io import qaplib as qio
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    data = qio.examples_dir() if args.data is None else args.data
+    if not data.is_dir():
+        parser.error(f"--data {str(data)!r} is not a folder")
     if args.quick:
         args.instances = args.instances or ["chr12a", "had12", "nug12"]
         args.time_limit = min(args.time_limit, 0.1)
         args.faq_starts = min(args.faq_starts, 2)
-    paths = sorted(Path(data).glob("*.dat"))
+    paths = sorted(data.glob("*.dat"))
+    if not paths:
+        parser.error(f"no .dat files in {str(data)!r}")
     if args.instances:
         wanted = set(args.instances)
         paths = [p for p in paths if p.stem in wanted]
         missing = wanted - {p.stem for p in paths}
         if missing:
-            log.error("qaplib: no .dat for %s in %s", ", ".join(sorted(missing)), data)
-            return 2
+            parser.error(f"--instances: no .dat for {', '.join(sorted(missing))} in {data}")
+    if no_sln := _without_sln(paths):
+        parser.error(f"no .sln beside {', '.join(no_sln)} in {data}: the gap needs the best value")
     methods = list(args.methods)
     if any(m.startswith("pygm_") for m in methods):
         try:
             import pygmtools  # noqa: F401
         except ImportError:
-            log.error("pygm_* methods need pygmtools (pip install 'qapfuse[test]')")
-            return 2
+            parser.error("the pygm_* methods need pygmtools: pip install 'qapfuse[bench]'")
+    report = prepare_output(parser, args, "qaplib", (".csv", ".md", ".png"))
     command = command_line("qaplib", argv)
     opts = _Opts(args.faq_starts, args.time_limit, args.max_dense_n)
     rows: list[dict[str, Any]] = []
@@ -471,9 +458,15 @@ def run(argv: list[str]) -> int:
     with blas_threads(args.threads) as threads_note, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = machine_info(threads_note)
+        log.info("qaplib: warming up (imports, compiled kernels) before any clock runs")
         _warm_up(methods, args.seed)
+        log.info("qaplib: %d instance(s) from %s, %d method(s)", len(paths), data, len(methods))
         for path in paths:
-            A, B, best = _load(path)
+            try:
+                inst = qio.load_instance(path)
+            except ValueError as exc:  # a malformed file: one line naming file and line
+                parser.error(str(exc))
+            A, B, best = inst.A.astype(np.float64), inst.B.astype(np.float64), inst.best_known
             n = A.shape[0]
             if args.max_n is not None and n > args.max_n:
                 continue
@@ -498,7 +491,18 @@ def run(argv: list[str]) -> int:
                 times[m] = t
                 if m not in methods:
                     continue
-                value = _objective(A, B, perm)
+                value = qio.objective(inst.A, inst.B, perm)  # exact: int for int instances
+                gap = float(qio.relative_gap(value, best))
+                log.info(
+                    "qaplib: %s (n=%d) %s: objective %s (best known %s, gap %.2f%%) in %.3g s",
+                    path.stem,
+                    n,
+                    m,
+                    value,
+                    best,
+                    100 * gap,
+                    t,
+                )
                 rows.append(
                     {
                         "instance": path.stem,
@@ -506,22 +510,15 @@ def run(argv: list[str]) -> int:
                         "best_known": best,
                         "method": m,
                         "objective": value,
-                        "gap": _gap(value, best),
+                        "gap": gap,
                         "time_s": t,
                         "note": note,
                     }
                 )
             write_csv(args.out / f"{args.name}.csv", rows, COLUMNS)  # progress survives a kill
-            done = {r["method"]: r["gap"] for r in rows if r["instance"] == path.stem}
-            log.info(
-                "qaplib: %s (n=%d) %s",
-                path.stem,
-                n,
-                " ".join(f"{m}={100 * g:.2f}%" for m, g in done.items()),
-            )
     shown = [m for m in methods if m not in unavailable]
-    csv_path, md_path = write_report(rows, args, command, info, shown)
-    log.info("qaplib: wrote %s and %s", csv_path, md_path)
+    write_report(rows, args, command, info, shown)
+    announce(report)
     return 0
 
 

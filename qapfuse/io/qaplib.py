@@ -36,6 +36,7 @@ import numpy as np
 __all__ = [
     "QaplibInstance",
     "example_path",
+    "examples_dir",
     "list_examples",
     "load_instance",
     "objective",
@@ -279,8 +280,9 @@ class QaplibInstance:
     A, B : numpy arrays of shape (n, n)
         The two matrices of ``value(p) = sum_ij A[i,j] B[p(i), p(j)]`` (int64, or float64 if
         the file has decimals).
-    best_known : float or None
-        Value from the ``.sln`` header (checked against the permutation), if a ``.sln`` was read.
+    best_known : int, float or None
+        Value from the ``.sln`` header (checked against the permutation), if a ``.sln`` was read;
+        an ``int`` when the header states an integer, as in every QAPLIB instance.
     best_perm : numpy int64 array of shape (n,) or None
         The ``.sln`` permutation, **0-indexed**.
     path : pathlib.Path
@@ -293,7 +295,7 @@ class QaplibInstance:
     n: int
     A: np.ndarray
     B: np.ndarray
-    best_known: float | None
+    best_known: int | float | None
     best_perm: np.ndarray | None
     path: Path
     sln_path: Path | None = None
@@ -357,7 +359,7 @@ def load_instance(path: PathLike, sln: PathLike | bool | None = None) -> QaplibI
             "The 'sln' parameter of load_instance must be a path, a bool or None. "
             f"Got {sln!r} of type {type(sln).__name__} instead."
         )
-    best_known: float | None = None
+    best_known: int | float | None = None
     best_perm: np.ndarray | None = None
     if sln_path is not None:
         n_sln, value, perm = read_sln(sln_path)
@@ -378,7 +380,7 @@ def load_instance(path: PathLike, sln: PathLike | bool | None = None) -> QaplibI
                 f"{sln_path}: line 1: stated value {value} disagrees with the objective "
                 f"{got} of the permutation it lists, on {dat}.{hint}"
             )
-        best_known, best_perm = float(value), perm
+        best_known, best_perm = value, perm
     return QaplibInstance(
         name=dat.stem,
         n=int(n),
@@ -501,14 +503,19 @@ def relative_gap(value: float, best_known: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _example_dir() -> Path:
+def examples_dir() -> Path:
+    """Folder of the QAPLIB instances shipped with qapfuse (``.dat`` with their ``.sln``).
+
+    >>> (examples_dir() / "nug12.dat").is_file()
+    True
+    """
     # The package data are plain files in a regular (or editable) install.
     return Path(os.fspath(resources.files("qapfuse.data").joinpath("qaplib")))
 
 
 def list_examples() -> list[str]:
     """Names of the QAPLIB instances shipped with qapfuse (``qapfuse/data/qaplib``), sorted."""
-    return sorted(p.stem for p in _example_dir().glob("*.dat"))
+    return sorted(p.stem for p in examples_dir().glob("*.dat"))
 
 
 def example_path(name: str) -> Path:
@@ -531,7 +538,7 @@ def example_path(name: str) -> Path:
             f"Got {name!r} of type {type(name).__name__} instead."
         )
     stem = name[:-4] if name.lower().endswith(".dat") else name
-    path = _example_dir() / f"{stem}.dat"
+    path = examples_dir() / f"{stem}.dat"
     if not path.is_file() or stem != path.stem:
         names = list_examples()
         close = difflib.get_close_matches(stem, names, n=1)

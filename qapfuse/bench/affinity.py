@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidates", type=int, default=50, help="partners per node of the 'cand' path"
     )
     p.add_argument("--kernels", nargs="+", default=["inner", "gauss"], choices=["inner", "gauss"])
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=list(IMPLS),
+        choices=IMPLS,
+        metavar="IMPL",
+        help=f"constructions to time (default all: {', '.join(IMPLS)})",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed builds per qapfuse case (best)")
     p.add_argument("--pygm-repeats", type=int, default=2, help="timed pygmtools builds (best)")
     p.add_argument("--seed", type=int, default=0)
@@ -307,7 +315,7 @@ def run(argv: list[str]) -> int:
         for n in sizes:
             for kernel in args.kernels:
                 sigma = 1.0 if graph == "dense" else 0.01
-                for impl in IMPLS:
+                for impl in args.impls:
                     row = {"graph": graph, "n": n, "kernel": kernel, "impl": impl}
                     N = n * n
                     if graph == "delaunay" and impl in ("pygmtools", "qf-dense64", "qf-dense32"):

@@ -5,16 +5,10 @@ Part 1 (this package so far): :func:`trace` derives a :class:`PermutationSpec` f
 state dict into a :class:`NetworkGraph` and back. See ``docs/fusion.md``.
 """
 
+from .errors import SpecError, TracingError, UnplacedTensorError, UnsupportedOpError
 from .graph import Edge, NetworkGraph, NodeFeature, from_graph, to_graph
 from .permute import identity_permutations, permute, random_permutations
-from .spec import (
-    PermutationSpec,
-    Segment,
-    SpecError,
-    TracingError,
-    UnsupportedOpError,
-    check_same_shapes,
-)
+from .spec import PermutationSpec, Segment, check_same_shapes
 from .tracing import trace
 
 __all__ = [
@@ -25,6 +19,7 @@ __all__ = [
     "Segment",
     "SpecError",
     "TracingError",
+    "UnplacedTensorError",
     "UnsupportedOpError",
     "check_same_shapes",
     "from_graph",

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spec import PermutationSpec, SpecError
+from .errors import SpecError
+from .spec import PermutationSpec
 
 __all__ = ["Edge", "NetworkGraph", "NodeFeature", "from_graph", "to_graph"]
 

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .spec import PermutationSpec, SpecError
+from .errors import SpecError
+from .spec import PermutationSpec
 
 __all__ = ["identity_permutations", "permute", "random_permutations"]
 

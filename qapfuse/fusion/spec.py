@@ -11,8 +11,9 @@ key, one entry per tensor axis. An entry is ``None`` (not a channel axis: a kern
 depthwise conv's size-1 axis) or a tuple of :class:`Segment` (the axis is the concatenation of
 those groups' channels, each channel repeated as a contiguous block of ``block`` entries, e.g.
 the ``H*W`` inputs a flattened conv channel feeds into the next Linear). The inverse map
-(group -> axes) is derived. :func:`trace` builds a spec from a model with ``torch.fx``; the
-tracer lives in :mod:`qapfuse.fusion.tracing`.
+(group -> axes) is derived. :func:`~qapfuse.fusion.trace` builds a spec from a model with
+``torch.fx``; the tracer lives in :mod:`qapfuse.fusion.tracing`, the errors in
+:mod:`qapfuse.fusion.errors`.
 """
 
 from __future__ import annotations
@@ -23,44 +24,14 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .errors import SpecError
+
 __all__ = [
     "AxisEntry",
     "PermutationSpec",
     "Segment",
-    "SpecError",
-    "TracingError",
-    "UnsupportedOpError",
     "check_same_shapes",
-    "trace",  # noqa: F822 (served lazily by __getattr__ below; it lives in `tracing`)
 ]
-
-
-class SpecError(ValueError):
-    """A permutation spec and a state dict (or permutations) do not agree."""
-
-
-class TracingError(ValueError):
-    """The model could not be traced into a permutation spec (see the message for why)."""
-
-
-class UnsupportedOpError(ValueError):
-    """The traced model contains a permutation-sensitive op that qapfuse does not understand.
-
-    Attributes
-    ----------
-    node : str
-        Name of the ``torch.fx`` node.
-    op : str
-        The operation (module type, function or method name).
-    """
-
-    def __init__(self, node: str, op: str, reason: str) -> None:
-        self.node = node
-        self.op = op
-        super().__init__(
-            f"Unsupported op at fx node {node!r} ({op}): {reason}. qapfuse cannot derive a "
-            "correct permutation spec for it; write a PermutationSpec by hand (see docs/fusion.md)."
-        )
 
 
 class Segment(NamedTuple):
@@ -424,13 +395,3 @@ def check_same_shapes(*state_dicts: Mapping[str, Any]) -> None:
         extra = [k for k in shapes if k not in ref]
         if extra:
             raise SpecError(f"state_dicts[{i}] has the key {extra[0]!r} that state_dicts[0] lacks.")
-
-
-def __getattr__(name: str) -> Any:
-    # `trace` lived here before the tracer moved to `tracing`; imported lazily, since
-    # `tracing` imports this module.
-    if name == "trace":
-        from .tracing import trace
-
-        return trace
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

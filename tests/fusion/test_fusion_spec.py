@@ -6,7 +6,16 @@ import pytest
 import torch
 from fusion_zoo import NAMES, hand_spec, make, traced
 
-from qapfuse.fusion import PermutationSpec, Segment, SpecError, check_same_shapes, models, trace
+from qapfuse.fusion import (
+    PermutationSpec,
+    Segment,
+    SpecError,
+    TracingError,
+    UnplacedTensorError,
+    check_same_shapes,
+    models,
+    trace,
+)
 from qapfuse.fusion.models import MLP
 
 
@@ -113,7 +122,7 @@ def test_check_same_shapes_names_the_key():
         check_same_shapes(a, dict.fromkeys(a, 1.0))
 
 
-def test_unused_parameters_are_left_unpermuted_with_a_warning(caplog):
+def test_unused_parameters_raise_unless_allowed(caplog):
     class WithSpare(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -123,10 +132,17 @@ def test_unused_parameters_are_left_unpermuted_with_a_warning(caplog):
         def forward(self, x):
             return self.fc(x)
 
+    with pytest.raises(UnplacedTensorError, match=r"'spare.weight', 'spare.bias'.*allow_unplaced"):
+        trace(WithSpare(), torch.zeros(1, 4))
+    with pytest.raises(TracingError) as info:  # a kind of TracingError, with the keys
+        trace(WithSpare(), torch.zeros(1, 4))
+    assert info.value.keys == ("spare.weight", "spare.bias")
     with caplog.at_level("WARNING", logger="qapfuse.fusion.spec"):
-        spec = trace(WithSpare(), torch.zeros(1, 4))
+        spec = trace(WithSpare(), torch.zeros(1, 4), allow_unplaced=True)
     assert spec.axes["spare.weight"] == (None, None)
-    assert "spare.weight" in caplog.text
+    assert "spare.weight" in caplog.text and "allow_unplaced=True" in caplog.text
+    with pytest.raises(TypeError, match="'allow_unplaced' parameter of trace must be a bool"):
+        trace(WithSpare(), torch.zeros(1, 4), allow_unplaced="yes")
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,13 @@ _logger = logging.getLogger("qapfuse.fusion.spec")
 class _Analyser(torch.fx.Interpreter):
     """Run the traced graph on the example input and give every value a channel layout."""
 
-    def __init__(self, gm: torch.fx.GraphModule, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        model: torch.nn.Module | None = None,
+    ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False
         self.shapes = shapes
@@ -64,9 +70,10 @@ class _Analyser(torch.fx.Interpreter):
         self.pending: list[tuple[str, str, str, list[int]]] = []
         self.outputs: list[int] = []
         self.n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-        # Weights computed from stored tensors (weight norm, ...), by the name the model reads;
+        # Weights computed from stored tensors (weight norm, ...), by the name the model reads,
+        # found on the traced `model` (a GraphModule drops a parametrization of the root);
         # their first assignment (`computed_axes`) lets a shared module keep its output group.
-        self.computed: dict[str, Computed] = computed_tensors(gm, shapes)
+        self.computed: dict[str, Computed] = computed_tensors(model or gm, shapes)
         self.computed_axes: dict[str, list[Any]] = {}
         self.stored_by: dict[str, str] = {
             k: c.key for c in self.computed.values() for k in c.stored

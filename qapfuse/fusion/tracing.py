@@ -215,7 +215,7 @@ def trace(
     try:
         with torch.no_grad():
             gm = _fx_graph(model, inputs)
-            analyser = _Analyser(gm, shapes)
+            analyser = _Analyser(gm, shapes, model=model)
             analyser.run(*inputs)
             spec = analyser.finish(allow_unplaced=allow_unplaced)
     finally:

@@ -199,6 +199,11 @@ def to_graph(
     """  # noqa: E501
     if isinstance(state_dict, torch.nn.Module):
         state_dict = state_dict.state_dict()
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"The 'state_dict' parameter of to_graph must be a state dict or a torch.nn.Module. "
+            f"Got {type(state_dict).__name__} instead."
+        )
     if not isinstance(spec, PermutationSpec):
         raise TypeError(
             f"The 'spec' parameter of to_graph must be a PermutationSpec. "

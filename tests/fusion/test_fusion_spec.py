@@ -68,12 +68,15 @@ def test_hand_written_spec_entry_forms_are_normalised():
     [
         ([("w", ("g",))], {}, TypeError, "must be a mapping"),
         ({"w": "g"}, {}, TypeError, "one entry per tensor axis"),
+        ({1: ("g",)}, {}, TypeError, "keys of the 'axes' parameter of PermutationSpec"),
         ({"w": ((3,),)}, {}, TypeError, "group names or Segments"),
-        ({"w": (3,)}, {}, TypeError, "must be None, a group name"),
+        ({"w": (3,)}, {}, TypeError, "axes\\['w'\\]\\[0\\] of PermutationSpec must be None"),
+        ({"w": (None, ("",))}, {}, TypeError, "axes\\['w'\\]\\[1\\] .* non-empty strings"),
         ({"w": (Segment("g", 0),)}, {}, ValueError, "must be an int >= 1"),
         ({"w": ("g",)}, {"fixed": {"nope"}}, ValueError, "no axis uses: \\['nope'\\]"),
+        ({"w": ("g",)}, {"sizes": [4]}, TypeError, "'sizes' parameter of PermutationSpec"),
         ({"w": ("g",)}, {"sizes": {}}, ValueError, "lacks the groups \\['g'\\]"),
-        ({"w": ("g",)}, {"sizes": {"g": 0}}, ValueError, "sizes\\['g'\\] must be an int >= 1"),
+        ({"w": ("g",)}, {"sizes": {"g": 0}}, ValueError, "sizes\\['g'\\] .* must be an int >= 1"),
     ],
 )
 def test_bad_hand_written_specs_are_refused(axes, kwargs, exc, match):

@@ -239,7 +239,7 @@ class _Analyser(torch.fx.Interpreter):
         keys: dict[str, None] = {}
         for k in m.state_dict():
             key = prefix + k
-            if key in self.stored_by and self.stored_by[key].startswith(prefix):
+            if key in self.stored_by:
                 keys.setdefault(self.stored_by[key], None)
             elif key in self.shapes:
                 keys.setdefault(key, None)
@@ -464,7 +464,7 @@ class _Analyser(torch.fx.Interpreter):
                 )
             lay = _OPAQUE
         cin, cout = x.shape[1], result.shape[1]
-        k = self._ndim(wkey) - 2
+        k = (self._ndim(wkey) or result.ndim) - 2
         if groups == 1:
             in_entry = self._in_entry(lay, x, 1, name)
             out = self._out_group(wkey, name, cout)

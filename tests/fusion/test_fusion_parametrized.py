@@ -245,3 +245,33 @@ def test_trace_leaves_spectral_norm_vectors_alone_in_training_mode():
     trace(model, XI)  # runs in eval mode: no power iteration
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("wrap", [parametrizations.weight_norm, parametrizations.spectral_norm])
+def test_parametrized_norm_layers(wrap):
+    class Normed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+            self.bn, self.ln = nn.BatchNorm1d(8), nn.LayerNorm(8)
+            with torch.no_grad():
+                for t in (self.bn.weight, self.bn.bias, self.ln.weight, self.ln.bias):
+                    t.uniform_(0.5, 1.5)
+            wrap(self.bn)
+            wrap(self.ln)
+
+        def forward(self, x):
+            return self.b(self.ln(torch.relu(self.bn(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Normed().eval()
+    spec = trace(model, XV)
+    stored = [k for k in spec.axes if ".parametrizations.weight.original" in k]
+    assert stored and all(spec.axes[k] == ((Segment("a"),),) for k in stored)
+    torch.manual_seed(0)
+    other = Normed()
+    other.load_state_dict(permute(model, spec, random_permutations(spec, 2)))
+    for train in (True, False):
+        torch.testing.assert_close(
+            outputs(other, XV, train=train), outputs(model, XV, train=train), atol=1e-5, rtol=0
+        )

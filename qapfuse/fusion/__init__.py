@@ -16,16 +16,10 @@ except ModuleNotFoundError as exc:  # torch is an optional dependency of the QAP
         name="torch",
     ) from None
 
+from .errors import SpecError, TracingError, UnplacedTensorError, UnsupportedOpError
 from .graph import Edge, NetworkGraph, NodeFeature, from_graph, to_graph
 from .permute import identity_permutations, permute, random_permutations
-from .spec import (
-    PermutationSpec,
-    Segment,
-    SpecError,
-    TracingError,
-    UnsupportedOpError,
-    check_same_shapes,
-)
+from .spec import PermutationSpec, Segment, check_same_shapes
 from .tracing import trace
 
 __all__ = [
@@ -36,6 +30,7 @@ __all__ = [
     "Segment",
     "SpecError",
     "TracingError",
+    "UnplacedTensorError",
     "UnsupportedOpError",
     "check_same_shapes",
     "from_graph",

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
 from ._ops import (
     _BATCH_NORM_NDIMS,
@@ -42,7 +43,9 @@ from ._ops import (
     _Param,
     nn,
 )
-from .spec import AxisEntry, PermutationSpec, Segment, TracingError, UnsupportedOpError
+from ._parametrized import Computed, NoRuleError, computed_tensors
+from .errors import TracingError, UnplacedTensorError, UnsupportedOpError
+from .spec import AxisEntry, PermutationSpec, Segment
 
 # The tracer's records keep the logger name they had before it moved out of `spec`.
 _logger = logging.getLogger("qapfuse.fusion.spec")
@@ -51,7 +54,13 @@ _logger = logging.getLogger("qapfuse.fusion.spec")
 class _Analyser(torch.fx.Interpreter):
     """Run the traced graph on the example input and give every value a channel layout."""
 
-    def __init__(self, gm: torch.fx.GraphModule, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        model: torch.nn.Module | None = None,
+    ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.extra_traceback = False
         self.shapes = shapes
@@ -61,6 +70,14 @@ class _Analyser(torch.fx.Interpreter):
         self.pending: list[tuple[str, str, str, list[int]]] = []
         self.outputs: list[int] = []
         self.n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        # Weights computed from stored tensors (weight norm, ...), by the name the model reads,
+        # found on the traced `model` (a GraphModule drops a parametrization of the root);
+        # their first assignment (`computed_axes`) lets a shared module keep its output group.
+        self.computed: dict[str, Computed] = computed_tensors(model or gm, shapes)
+        self.computed_axes: dict[str, list[Any]] = {}
+        self.stored_by: dict[str, str] = {
+            k: c.key for c in self.computed.values() for k in c.stored
+        }
         # Storage of every parameter and buffer: a skipped module must never hand one on (a
         # later in-place op would then write into the model).
         self.storages = {t.untyped_storage().data_ptr() for t in gm.state_dict().values()}
@@ -158,9 +175,25 @@ class _Analyser(torch.fx.Interpreter):
             )
         return tuple((self.groups.union(x[0], y[0], n.name, op), x[1]) for x, y in zip(a, b))
 
+    def _ndim(self, key: str) -> int | None:
+        if key in self.shapes:
+            return len(self.shapes[key])
+        comp = self.computed.get(key)
+        return None if comp is None else comp.ndim  # None: a parametrization that failed to run
+
     def _assign(self, n: torch.fx.Node, op: str, key: str | None, entries: list[Any]) -> None:
-        if key is None or key not in self.shapes:
+        if key is None:
             return
+        if key in self.computed:
+            self._assign_computed(n, op, self.computed[key], entries)
+            return
+        if key not in self.shapes:
+            raise UnsupportedOpError(
+                n.name,
+                op,
+                f"{key!r} is not in the state dict: it is computed (by a hook or in forward) "
+                "from tensors qapfuse cannot relate to it",
+            )
         if len(entries) != len(self.shapes[key]):
             raise UnsupportedOpError(
                 n.name, op, f"{key!r} has shape {self.shapes[key]}, which this rule does not expect"
@@ -179,6 +212,38 @@ class _Analyser(torch.fx.Interpreter):
                     f"{key!r} is used twice, with axis {i} a channel axis in one use only",
                 )
             old[i] = self._merge(n, op, a, b)
+
+    def _assign_computed(self, n: torch.fx.Node, op: str, comp: Computed, entries: list) -> None:
+        """Assign the stored tensors a computed weight comes from (its rule maps the axes)."""
+        if comp.ndim is not None and len(entries) != comp.ndim:
+            raise UnsupportedOpError(
+                n.name, op, f"{comp.key!r} has {comp.ndim} axes, which this rule does not expect"
+            )
+        self.computed_axes.setdefault(comp.key, list(entries))
+        try:
+            placed = comp.place(entries)
+        except NoRuleError as e:
+            # Harmless while every group it touches ends up fixed (never permuted): decided
+            # in `finish`, like an unknown op. Its stored tensors are not permuted.
+            gids = [g for e_ in entries for g, _ in (e_ or ())]
+            if gids:
+                self.pending.append((n.name, op, str(e), gids))
+            for key in comp.stored:
+                self._assign(n, op, key, [None] * len(self.shapes[key]))
+            return
+        for key, stored_entries in placed.items():
+            self._assign(n, op, key, stored_entries)
+
+    def _logical_keys(self, prefix: str, m: torch.nn.Module) -> list[str]:
+        """The tensors module `m` reads: its state_dict keys, computed weights by their name."""
+        keys: dict[str, None] = {}
+        for k in m.state_dict():
+            key = prefix + k
+            if key in self.stored_by:
+                keys.setdefault(self.stored_by[key], None)
+            elif key in self.shapes:
+                keys.setdefault(key, None)
+        return list(keys)
 
     def _all_fixed(self, lay: _Layout) -> bool:
         return all(self.groups.is_fixed(g) for g, _ in lay.segs)
@@ -231,7 +296,12 @@ class _Analyser(torch.fx.Interpreter):
     def _module(self, n: torch.fx.Node, m: torch.nn.Module, args, kwargs, result) -> Any:
         op = _op_name(n, m)
         prefix = f"{n.target}."
-        keys = [prefix + k for k in m.state_dict() if prefix + k in self.shapes]
+        if isinstance(m, parametrize.ParametrizationList):  # `self.w` read in forward
+            owner, _, name = str(n.target).rpartition(".parametrizations.")
+            key = f"{owner}.{name}" if owner else str(n.target).split(".", 1)[1]
+            if key in self.computed:
+                return _Param(key)
+        keys = self._logical_keys(prefix, m)
         x, lay = self._x(n, args, kwargs) if (n.args or n.kwargs) else (None, None)
         if isinstance(lay, _Param):
             return self._unknown(n, op, result, "a module applied to a parameter")
@@ -368,7 +438,7 @@ class _Analyser(torch.fx.Interpreter):
         return self._new(f"{name}.in", x.shape[dim], fixed=True)
 
     def _out_group(self, key: str, name: str, size: int) -> tuple:
-        old = self.axes.get(key)
+        old = self.axes.get(key) or self.computed_axes.get(key)
         if old is not None and old[0] is not None:
             return old[0]
         return self._new(name, size)
@@ -394,7 +464,7 @@ class _Analyser(torch.fx.Interpreter):
                 )
             lay = _OPAQUE
         cin, cout = x.shape[1], result.shape[1]
-        k = len(self.shapes[wkey]) - 2
+        k = (self._ndim(wkey) or result.ndim) - 2
         if groups == 1:
             in_entry = self._in_entry(lay, x, 1, name)
             out = self._out_group(wkey, name, cout)
@@ -429,8 +499,8 @@ class _Analyser(torch.fx.Interpreter):
         else:
             segs = self._new(f"{name}.in", x.shape[1], fixed=True)
         for key in keys:
-            nd = len(self.shapes[key])
-            if nd > 1:
+            nd = self._ndim(key)
+            if nd is None or nd > 1:
                 raise UnsupportedOpError(n.name, op, f"unexpected parameter shape of {key!r}")
             self._assign(n, op, key, [segs] * nd)
         return lay if isinstance(lay, _Layout) else _OPAQUE
@@ -438,7 +508,7 @@ class _Analyser(torch.fx.Interpreter):
     def _layer_norm(self, n, op, x, lay, keys, m) -> Any:
         first = x.ndim - m
         for key in keys:
-            entries: list[Any] = [None] * len(self.shapes[key])
+            entries: list[Any] = [None] * (self._ndim(key) or 0)
             if isinstance(lay, _Layout) and lay.dim >= first:
                 entries[lay.dim - first] = lay.segs
             self._assign(n, op, key, entries)
@@ -472,7 +542,7 @@ class _Analyser(torch.fx.Interpreter):
             if len(others) == 1 and params:
                 return params[0]
             for p in params:
-                self._assign(n, op, p.key, [None] * len(self.shapes[p.key]))
+                self._assign(n, op, p.key, [None] * (self._ndim(p.key) or 0))
             return _OPAQUE
         rd, segs = claims[0]
         for rd2, segs2 in claims[1:]:
@@ -624,14 +694,15 @@ class _Analyser(torch.fx.Interpreter):
                     self.groups.fix(g)
                     self.outputs.append(g)
             elif isinstance(lay, _Param):
-                self._assign(n, "output", lay.key, [None] * len(self.shapes[lay.key]))
+                self._assign(n, "output", lay.key, [None] * (self._ndim(lay.key) or 0))
             return arg
 
         torch.fx.node.map_arg(n.args, visit)
 
     # -- result ------------------------------------------------------------------------------
 
-    def finish(self) -> PermutationSpec:
+    def finish(self, *, allow_unplaced: bool = False) -> PermutationSpec:
+        """The spec; tensors the forward pass never reached raise unless `allow_unplaced`."""
         groups = self.groups
         for node, op, reason, gids in self.pending:
             if any(not groups.is_fixed(g) for g in gids):
@@ -673,10 +744,12 @@ class _Analyser(torch.fx.Interpreter):
                 None if e is None else tuple(Segment(names[groups.find(g)], b) for g, b in e)
                 for e in entries
             )
+        if unreached and not allow_unplaced:
+            raise UnplacedTensorError(unreached)
         if unreached:
             _logger.warning(
                 "%d state_dict entries are not used by the traced forward pass and are left "
-                "unpermuted: %s",
+                "unpermuted (allow_unplaced=True): %s",
                 len(unreached),
                 ", ".join(unreached[:5]) + (", ..." if len(unreached) > 5 else ""),
             )

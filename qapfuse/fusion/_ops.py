@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .spec import UnsupportedOpError
+from .errors import UnsupportedOpError
 
 F = torch.nn.functional
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spec import PermutationSpec, SpecError
+from .errors import SpecError
+from .spec import PermutationSpec
 
 __all__ = ["Edge", "NetworkGraph", "NodeFeature", "from_graph", "to_graph"]
 
@@ -198,6 +199,11 @@ def to_graph(
     """  # noqa: E501
     if isinstance(state_dict, torch.nn.Module):
         state_dict = state_dict.state_dict()
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"The 'state_dict' parameter of to_graph must be a state dict or a torch.nn.Module. "
+            f"Got {type(state_dict).__name__} instead."
+        )
     if not isinstance(spec, PermutationSpec):
         raise TypeError(
             f"The 'spec' parameter of to_graph must be a PermutationSpec. "

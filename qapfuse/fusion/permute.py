@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .spec import PermutationSpec, SpecError
+from ..backend import rng_from
+from .errors import SpecError
+from .spec import PermutationSpec
 
 __all__ = ["identity_permutations", "permute", "random_permutations"]
 
@@ -128,7 +130,7 @@ def permute(
 
 
 def random_permutations(
-    spec: PermutationSpec, rng: int | np.random.Generator | None = None
+    spec: PermutationSpec, rng: int | np.random.Generator | torch.Generator | None = None
 ) -> dict[str, np.ndarray]:
     """A uniformly random permutation of every free group of `spec`.
 
@@ -136,13 +138,24 @@ def random_permutations(
     ----------
     spec : PermutationSpec
         Must have group sizes (traced specs do; else call ``spec.resolve(state_dict)``).
-    rng : None, int or numpy.random.Generator
-        Seed or generator; the same seed gives the same permutations.
+    rng : None, int, numpy.random.Generator or torch.Generator
+        Seed or generator; the same seed (or generator state) gives the same permutations. A
+        torch Generator is drawn from once, to seed the numpy generator that draws them.
 
     Returns
     -------
     dict of str to ndarray of shape (n_g,), dtype int64
         One permutation per free group (fixed groups are left out).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from qapfuse.fusion import trace
+    >>> from qapfuse.fusion.models import MLP
+    >>> spec = trace(MLP(4, (3,), 2), torch.zeros(1, 4))
+    >>> perms = random_permutations(spec, rng=torch.Generator().manual_seed(0))
+    >>> sorted(perms["layers.0"].tolist())
+    [0, 1, 2]
     """
     if not isinstance(spec, PermutationSpec):
         raise TypeError(
@@ -153,19 +166,19 @@ def random_permutations(
         raise SpecError(
             "random_permutations needs the group sizes; call spec.resolve(state_dict) first."
         )
-    if (rng is not None and not isinstance(rng, (int, np.random.Generator))) or isinstance(
-        rng, bool
-    ):
-        raise TypeError(
-            f"The 'rng' parameter of random_permutations must be None, an int or a "
-            f"numpy.random.Generator. Got {type(rng).__name__} instead."
-        )
-    gen = np.random.default_rng(rng)
+    gen = rng_from(rng, name="rng", caller="random_permutations")
     return {g: gen.permutation(spec.sizes[g]).astype(np.int64) for g in spec.free_groups}
 
 
 def identity_permutations(spec: PermutationSpec) -> dict[str, np.ndarray]:
     """The identity permutation ``arange(n_g)`` of every free group (needs sizes)."""
-    if not isinstance(spec, PermutationSpec) or spec.sizes is None:
-        raise TypeError("The 'spec' parameter must be a PermutationSpec with sizes.")
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(
+            f"The 'spec' parameter of identity_permutations must be a PermutationSpec. "
+            f"Got {type(spec).__name__} instead."
+        )
+    if spec.sizes is None:
+        raise SpecError(
+            "identity_permutations needs the group sizes; call spec.resolve(state_dict) first."
+        )
     return {g: np.arange(spec.sizes[g], dtype=np.int64) for g in spec.free_groups}

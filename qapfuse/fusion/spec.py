@@ -11,8 +11,9 @@ key, one entry per tensor axis. An entry is ``None`` (not a channel axis: a kern
 depthwise conv's size-1 axis) or a tuple of :class:`Segment` (the axis is the concatenation of
 those groups' channels, each channel repeated as a contiguous block of ``block`` entries, e.g.
 the ``H*W`` inputs a flattened conv channel feeds into the next Linear). The inverse map
-(group -> axes) is derived. :func:`trace` builds a spec from a model with ``torch.fx``; the
-tracer lives in :mod:`qapfuse.fusion.tracing`.
+(group -> axes) is derived. :func:`~qapfuse.fusion.trace` builds a spec from a model with
+``torch.fx``; the tracer lives in :mod:`qapfuse.fusion.tracing`, the errors in
+:mod:`qapfuse.fusion.errors`.
 """
 
 from __future__ import annotations
@@ -23,44 +24,14 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .errors import SpecError
+
 __all__ = [
     "AxisEntry",
     "PermutationSpec",
     "Segment",
-    "SpecError",
-    "TracingError",
-    "UnsupportedOpError",
     "check_same_shapes",
-    "trace",  # noqa: F822 (served lazily by __getattr__ below; it lives in `tracing`)
 ]
-
-
-class SpecError(ValueError):
-    """A permutation spec and a state dict (or permutations) do not agree."""
-
-
-class TracingError(ValueError):
-    """The model could not be traced into a permutation spec (see the message for why)."""
-
-
-class UnsupportedOpError(ValueError):
-    """The traced model contains a permutation-sensitive op that qapfuse does not understand.
-
-    Attributes
-    ----------
-    node : str
-        Name of the ``torch.fx`` node.
-    op : str
-        The operation (module type, function or method name).
-    """
-
-    def __init__(self, node: str, op: str, reason: str) -> None:
-        self.node = node
-        self.op = op
-        super().__init__(
-            f"Unsupported op at fx node {node!r} ({op}): {reason}. qapfuse cannot derive a "
-            "correct permutation spec for it; write a PermutationSpec by hand (see docs/fusion.md)."
-        )
 
 
 class Segment(NamedTuple):
@@ -86,8 +57,8 @@ def _normalise_entry(entry: Any, key: str, axis: int) -> AxisEntry:
         entry = (entry,)
     if not isinstance(entry, (tuple, list)) or len(entry) == 0:
         raise TypeError(
-            f"The entry for axis {axis} of {key!r} must be None, a group name, a Segment or a "
-            f"non-empty tuple of those. Got {entry!r} instead."
+            f"The entry axes[{key!r}][{axis}] of PermutationSpec must be None, a group name, a "
+            f"Segment or a non-empty tuple of those. Got {entry!r} instead."
         )
     segs = []
     for part in entry:
@@ -95,17 +66,18 @@ def _normalise_entry(entry: Any, key: str, axis: int) -> AxisEntry:
             part = Segment(part, 1)
         if not isinstance(part, Segment):
             raise TypeError(
-                f"The entry for axis {axis} of {key!r} must hold group names or Segments. "
-                f"Got {part!r} of type {type(part).__name__} instead."
+                f"The entry axes[{key!r}][{axis}] of PermutationSpec must hold group names or "
+                f"Segments. Got {part!r} of type {type(part).__name__} instead."
             )
         if not isinstance(part.group, str) or not part.group:
             raise TypeError(
-                f"Group names must be non-empty strings; got {part.group!r} in {key!r}."
+                f"The group names in axes[{key!r}][{axis}] of PermutationSpec must be non-empty "
+                f"strings. Got {part.group!r} instead."
             )
         if isinstance(part.block, bool) or not isinstance(part.block, int) or part.block < 1:
             raise ValueError(
-                f"The block of Segment {part.group!r} on axis {axis} of {key!r} must be an int "
-                f">= 1. Got {part.block!r} instead."
+                f"The block of Segment {part.group!r} in axes[{key!r}][{axis}] of PermutationSpec "
+                f"must be an int >= 1. Got {part.block!r} instead."
             )
         segs.append(Segment(part.group, int(part.block)))
     return tuple(segs)
@@ -167,11 +139,14 @@ class PermutationSpec:
         norm: dict[str, tuple[AxisEntry, ...]] = {}
         for key, entries in axes.items():
             if not isinstance(key, str):
-                raise TypeError(f"state_dict keys in 'axes' must be str; got {key!r}.")
+                raise TypeError(
+                    f"The keys of the 'axes' parameter of PermutationSpec must be str (state_dict "
+                    f"keys). Got {key!r} of type {type(key).__name__} instead."
+                )
             if isinstance(entries, (str, Segment)) or not isinstance(entries, Iterable):
                 raise TypeError(
-                    f"axes[{key!r}] must be a tuple with one entry per tensor axis; "
-                    f"got {entries!r}."
+                    f"axes[{key!r}] (the 'axes' parameter of PermutationSpec) must be a tuple with "
+                    f"one entry per tensor axis. Got {entries!r} instead."
                 )
             norm[key] = tuple(_normalise_entry(e, key, i) for i, e in enumerate(entries))
         if isinstance(fixed, str):
@@ -186,14 +161,22 @@ class PermutationSpec:
             )
         if sizes is not None:
             if not isinstance(sizes, Mapping):
-                raise TypeError(f"'sizes' must be a mapping or None; got {type(sizes).__name__}.")
+                raise TypeError(
+                    "The 'sizes' parameter of PermutationSpec must be a mapping of group names to "
+                    f"ints, or None. Got {type(sizes).__name__} instead."
+                )
             missing = [g for g in groups if g not in sizes]
             if missing:
-                raise ValueError(f"'sizes' lacks the groups {missing}.")
+                raise ValueError(
+                    f"The 'sizes' parameter of PermutationSpec lacks the groups {missing}."
+                )
             for g in groups:
                 s = sizes[g]
                 if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-                    raise ValueError(f"sizes[{g!r}] must be an int >= 1; got {s!r}.")
+                    raise ValueError(
+                        f"sizes[{g!r}] (the 'sizes' parameter of PermutationSpec) must be an int "
+                        f">= 1. Got {s!r} instead."
+                    )
             sizes = {g: int(sizes[g]) for g in groups}
         object.__setattr__(self, "axes", norm)
         object.__setattr__(self, "fixed", fixed)
@@ -424,13 +407,3 @@ def check_same_shapes(*state_dicts: Mapping[str, Any]) -> None:
         extra = [k for k in shapes if k not in ref]
         if extra:
             raise SpecError(f"state_dicts[{i}] has the key {extra[0]!r} that state_dicts[0] lacks.")
-
-
-def __getattr__(name: str) -> Any:
-    # `trace` lived here before the tracer moved to `tracing`; imported lazily, since
-    # `tracing` imports this module.
-    if name == "trace":
-        from .tracing import trace
-
-        return trace
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ._analyser import _Analyser
-from .spec import PermutationSpec, TracingError
+from .errors import TracingError
+from .spec import PermutationSpec
 
 __all__ = ["trace"]
 
@@ -130,7 +131,10 @@ def _fx_graph(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch
 
 
 def trace(
-    model: torch.nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]
+    model: torch.nn.Module,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    *,
+    allow_unplaced: bool = False,
 ) -> PermutationSpec:
     """Derive the permutation spec of `model` by tracing it with ``torch.fx``.
 
@@ -140,7 +144,8 @@ def trace(
     Conv layers start a group on their outputs; normalisation layers, element-wise ops,
     activations, pooling and dropout pass groups through; flatten/view turn channel ``c`` into
     the block of ``H*W`` inputs it feeds; a residual ``add`` merges the groups it joins; ``cat``
-    concatenates them. Groups of the model's input and output are fixed.
+    concatenates them. Groups of the model's input and output are fixed. A weight computed from
+    stored tensors (weight norm, spectral norm, pruning) passes its layout on to them.
 
     Parameters
     ----------
@@ -148,6 +153,11 @@ def trace(
         The network. It is run in eval mode without gradients; its training flags are restored.
     example_input : Tensor or tuple of Tensor
         An input batch the model accepts, e.g. of shape (1, 3, 32, 32).
+    allow_unplaced : bool, default False
+        Parameters and buffers that the traced forward pass never uses cannot be given a
+        channel group. By default they raise
+        :class:`~qapfuse.fusion.errors.UnplacedTensorError`; with True they get
+        ``None`` on every axis (never permuted) and a warning is logged.
 
     Returns
     -------
@@ -162,8 +172,13 @@ def trace(
         flow.
     UnsupportedOpError
         If a permutation-sensitive op the tracer does not understand touches a hidden channel
-        axis (attention, ``torch.roll``, indexing along channels, grouped convs, ...). The
-        error names the fx node and op.
+        axis (attention, ``torch.roll``, indexing along channels, grouped convs, ...), or a
+        weight on such an axis is computed by a parametrization without a known rule
+        (``orthogonal``, one's own). The error names the fx node and op (and the parameter and
+        parametrization).
+    UnplacedTensorError
+        If a parameter or buffer is not used by the traced forward pass (unless
+        `allow_unplaced`). The error lists the keys.
 
     Examples
     --------
@@ -173,6 +188,11 @@ def trace(
     >>> spec.free_groups
     ('layers.0', 'layers.2')
     """
+    if not isinstance(allow_unplaced, bool):
+        raise TypeError(
+            f"The 'allow_unplaced' parameter of trace must be a bool. Got {allow_unplaced!r} of "
+            f"type {type(allow_unplaced).__name__} instead."
+        )
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"The 'model' parameter of trace must be a torch.nn.Module. Got "
@@ -195,9 +215,9 @@ def trace(
     try:
         with torch.no_grad():
             gm = _fx_graph(model, inputs)
-            analyser = _Analyser(gm, shapes)
+            analyser = _Analyser(gm, shapes, model=model)
             analyser.run(*inputs)
-            spec = analyser.finish()
+            spec = analyser.finish(allow_unplaced=allow_unplaced)
     finally:
         for m, mode in modes:
             m.training = mode

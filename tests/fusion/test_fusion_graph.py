@@ -153,6 +153,8 @@ def test_graph_errors():
     spec = traced("mlp")
     with pytest.raises(TypeError, match="'spec' parameter of to_graph"):
         to_graph(model.state_dict(), "spec")
+    with pytest.raises(TypeError, match=r"'state_dict' parameter of to_graph.*Got list"):
+        to_graph(list(model.state_dict().values()), spec)
     with pytest.raises(TypeError, match="'graph' parameter of from_graph"):
         from_graph(model.state_dict())
     with pytest.raises(SpecError, match=r"'layers\.0\.weight'\] has shape"):

@@ -82,8 +82,36 @@ def test_random_permutations_are_seeded():
     assert all(np.array_equal(a[g], b[g]) for g in a)
     c = random_permutations(spec, np.random.default_rng(4))
     assert any(not np.array_equal(a[g], c[g]) for g in a)
-    with pytest.raises(TypeError, match=r"'rng' parameter of random_permutations"):
+    with pytest.raises(TypeError, match=r"'rng' parameter of random_permutations.*torch"):
         random_permutations(spec, 1.5)
+    with pytest.raises(ValueError, match=r"'rng' parameter of random_permutations.*Got -1"):
+        random_permutations(spec, -1)
+
+
+def test_random_permutations_take_a_torch_generator():
+    spec = traced("resnet20")
+    t1 = random_permutations(spec, torch.Generator().manual_seed(5))
+    t2 = random_permutations(spec, torch.Generator().manual_seed(5))
+    t3 = random_permutations(spec, torch.Generator().manual_seed(6))
+    assert set(t1) == set(spec.free_groups)
+    for g, p in t1.items():
+        assert p.dtype == np.int64 and np.array_equal(np.sort(p), np.arange(spec.sizes[g]))
+        assert np.array_equal(p, t2[g])
+    assert any(not np.array_equal(t1[g], t3[g]) for g in t1)
+    gen = torch.Generator().manual_seed(5)  # a generator advances: two draws differ
+    first, second = random_permutations(spec, gen), random_permutations(spec, gen)
+    assert all(np.array_equal(first[g], t1[g]) for g in t1)
+    assert any(not np.array_equal(first[g], second[g]) for g in t1)
+
+
+def test_identity_permutations_name_the_argument():
+    spec = traced("resnet20")
+    ident = identity_permutations(spec)
+    assert all(np.array_equal(p, np.arange(spec.sizes[g])) for g, p in ident.items())
+    with pytest.raises(TypeError, match="'spec' parameter of identity_permutations"):
+        identity_permutations({"a": ("a",)})
+    with pytest.raises(SpecError, match=r"identity_permutations needs the group sizes"):
+        identity_permutations(PermutationSpec({"w": ("a", None)}))
 
 
 def test_bad_permutations_are_refused():

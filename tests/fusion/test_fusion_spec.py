@@ -6,7 +6,16 @@ import pytest
 import torch
 from fusion_zoo import NAMES, hand_spec, make, traced
 
-from qapfuse.fusion import PermutationSpec, Segment, SpecError, check_same_shapes, models, trace
+from qapfuse.fusion import (
+    PermutationSpec,
+    Segment,
+    SpecError,
+    TracingError,
+    UnplacedTensorError,
+    check_same_shapes,
+    models,
+    trace,
+)
 from qapfuse.fusion.models import MLP
 
 
@@ -59,12 +68,15 @@ def test_hand_written_spec_entry_forms_are_normalised():
     [
         ([("w", ("g",))], {}, TypeError, "must be a mapping"),
         ({"w": "g"}, {}, TypeError, "one entry per tensor axis"),
+        ({1: ("g",)}, {}, TypeError, "keys of the 'axes' parameter of PermutationSpec"),
         ({"w": ((3,),)}, {}, TypeError, "group names or Segments"),
-        ({"w": (3,)}, {}, TypeError, "must be None, a group name"),
+        ({"w": (3,)}, {}, TypeError, "axes\\['w'\\]\\[0\\] of PermutationSpec must be None"),
+        ({"w": (None, ("",))}, {}, TypeError, "axes\\['w'\\]\\[1\\] .* non-empty strings"),
         ({"w": (Segment("g", 0),)}, {}, ValueError, "must be an int >= 1"),
         ({"w": ("g",)}, {"fixed": {"nope"}}, ValueError, "no axis uses: \\['nope'\\]"),
+        ({"w": ("g",)}, {"sizes": [4]}, TypeError, "'sizes' parameter of PermutationSpec"),
         ({"w": ("g",)}, {"sizes": {}}, ValueError, "lacks the groups \\['g'\\]"),
-        ({"w": ("g",)}, {"sizes": {"g": 0}}, ValueError, "sizes\\['g'\\] must be an int >= 1"),
+        ({"w": ("g",)}, {"sizes": {"g": 0}}, ValueError, "sizes\\['g'\\] .* must be an int >= 1"),
     ],
 )
 def test_bad_hand_written_specs_are_refused(axes, kwargs, exc, match):
@@ -113,7 +125,7 @@ def test_check_same_shapes_names_the_key():
         check_same_shapes(a, dict.fromkeys(a, 1.0))
 
 
-def test_unused_parameters_are_left_unpermuted_with_a_warning(caplog):
+def test_unused_parameters_raise_unless_allowed(caplog):
     class WithSpare(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -123,10 +135,17 @@ def test_unused_parameters_are_left_unpermuted_with_a_warning(caplog):
         def forward(self, x):
             return self.fc(x)
 
+    with pytest.raises(UnplacedTensorError, match=r"'spare.weight', 'spare.bias'.*allow_unplaced"):
+        trace(WithSpare(), torch.zeros(1, 4))
+    with pytest.raises(TracingError) as info:  # a kind of TracingError, with the keys
+        trace(WithSpare(), torch.zeros(1, 4))
+    assert info.value.keys == ("spare.weight", "spare.bias")
     with caplog.at_level("WARNING", logger="qapfuse.fusion.spec"):
-        spec = trace(WithSpare(), torch.zeros(1, 4))
+        spec = trace(WithSpare(), torch.zeros(1, 4), allow_unplaced=True)
     assert spec.axes["spare.weight"] == (None, None)
-    assert "spare.weight" in caplog.text
+    assert "spare.weight" in caplog.text and "allow_unplaced=True" in caplog.text
+    with pytest.raises(TypeError, match="'allow_unplaced' parameter of trace must be a bool"):
+        trace(WithSpare(), torch.zeros(1, 4), allow_unplaced="yes")
 
 
 @pytest.mark.parametrize(

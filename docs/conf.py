@@ -6,7 +6,7 @@ import importlib.metadata
 
 project = "qapfuse"
 author = "qapfuse developers"
-copyright = "2026, qapfuse developers"  # noqa: A001
+copyright = "2026, qapfuse developers"
 release = importlib.metadata.version("qapfuse")
 version = release
 

@@ -56,6 +56,7 @@ _SUBMODULES = (
     "backend",
     "bench",
     "cli",
+    "data",
     "errors",
     "fusion",
     "graphs",

@@ -188,6 +188,8 @@ def _assemble_numpy(
     cand: np.ndarray | None,
 ) -> Any:
     """Numba construction: one row-parallel pass (dense), or count then fill (CSR)."""
+    from scipy.sparse import csr_matrix
+
     n1max, n2max = g.g1.nmax, g.g2.nmax
     N = n1max * n2max
     ek = ke if g.has_edge else Kernel("inner_product")  # no edges: only the node diagonal
@@ -197,54 +199,19 @@ def _assemble_numpy(
     kind = 2 if ek.kind == 1 and np.dtype(dt) == np.float32 else ek.kind
     cut = ke.sigma * math.log(1.0 / thr) if thr > 0 else 0.0
     nd = np.zeros((1, 1, 1), np.float64) if node is None else node
-    if format == "dense":
-        out = np.zeros((g.batch, N, N), dtype=dt)
-        for k in range(g.batch):
-            p1, b1, F1, p2, b2, F2 = _instance_numpy(g, k)
-            dense_fill(
-                out[k],
-                p1,
-                b1,
-                F1,
-                p2,
-                b2,
-                F2,
-                nd[min(k, nd.shape[0] - 1)],
-                node is not None,
-                int(g.g1.n[k]),
-                int(g.g2.n[k]),
-                n1max,
-                kind,
-                ke.sigma,
-            )
-        return out
-    import scipy.sparse as sp
-
     cm = np.zeros((1, 1, 1), np.bool_) if cand is None else cand
-    Ks = []
+    out = np.zeros((g.batch, N, N), dtype=dt) if format == "dense" else []
     for k in range(g.batch):
-        p1, b1, F1, p2, b2, F2 = _instance_numpy(g, k)
-        m1, m2 = int(g.g1.n[k]), int(g.g2.n[k])
+        # arguments every kernel takes: both graphs; the node term, sizes and edge kernel
+        graphs = _instance_numpy(g, k)
+        node_k = nd[min(k, nd.shape[0] - 1)]
+        common = (node is not None, int(g.g1.n[k]), int(g.g2.n[k]), n1max, kind, ek.sigma)
+        if format == "dense":
+            dense_fill(out[k], *graphs, node_k, *common)
+            continue
+        keep = (thr, cut, cm[min(k, cm.shape[0] - 1)], cand is not None)
         counts = np.zeros(N, dtype=np.int64)
-        sparse_count(
-            counts,
-            p1,
-            b1,
-            F1,
-            p2,
-            b2,
-            F2,
-            node is not None,
-            m1,
-            m2,
-            n1max,
-            kind,
-            ek.sigma,
-            thr,
-            cut,
-            cm[min(k, cm.shape[0] - 1)],
-            cand is not None,
-        )
+        sparse_count(counts, *graphs, *common, *keep)
         nnz = int(counts.sum())
         idx_t = np.int32 if max(nnz, N) < 2**31 - 1 else np.int64
         indptr = np.zeros(N + 1, dtype=idx_t)
@@ -252,32 +219,11 @@ def _assemble_numpy(
         del counts
         indices = np.empty(nnz, dtype=idx_t)
         data = np.empty(nnz, dtype=dt)
-        sparse_fill(
-            indptr,
-            indices,
-            data,
-            p1,
-            b1,
-            F1,
-            p2,
-            b2,
-            F2,
-            nd[min(k, nd.shape[0] - 1)],
-            node is not None,
-            m1,
-            m2,
-            n1max,
-            kind,
-            ek.sigma,
-            thr,
-            cut,
-            cm[min(k, cm.shape[0] - 1)],
-            cand is not None,
-        )
-        K = sp.csr_matrix((data, indices, indptr), shape=(N, N), copy=False)
+        sparse_fill(indptr, indices, data, *graphs, node_k, *common, *keep)
+        K = csr_matrix((data, indices, indptr), shape=(N, N), copy=False)
         K.has_sorted_indices = True  # columns come out sorted per row, no duplicates
-        Ks.append(K)
-    return Ks
+        out.append(K)
+    return out
 
 
 def _assemble_torch(

@@ -219,13 +219,16 @@ def graph_matching_problem(*args: Any, **kwargs: Any) -> Problem:
     return Problem(aff, g.g1.n, g.g2.n, batched=g.batched)
 
 
-_PROBLEM_SIGNATURE = inspect.signature(build_aff_mat).replace(return_annotation="Problem")
-_PROBLEM_SIGNATURE = _PROBLEM_SIGNATURE.replace(
-    parameters=[
-        p.replace(default="sparse") if p.name == "format" else p
-        for p in _PROBLEM_SIGNATURE.parameters.values()
+def _problem_signature() -> inspect.Signature:
+    """:func:`build_aff_mat`'s signature with ``format="sparse"``, returning a Problem."""
+    sig = inspect.signature(build_aff_mat)
+    params = [
+        p.replace(default="sparse") if p.name == "format" else p for p in sig.parameters.values()
     ]
-)
+    return sig.replace(parameters=params, return_annotation="Problem")
+
+
+_PROBLEM_SIGNATURE = _problem_signature()
 graph_matching_problem.__signature__ = _PROBLEM_SIGNATURE  # type: ignore[attr-defined]
 
 

@@ -455,3 +455,87 @@ def test_candidates_are_checked():
     targs = [torch.as_tensor(v) for v in _args(d)[:6]]
     with pytest.raises(TypeError, match="needs numpy inputs"):
         build_aff_mat(*targs, *_args(d)[6:], format="sparse", candidates=2)
+
+
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        (dict(threshold=0.1), r"'threshold' parameter of build_aff_mat applies to format='sparse'"),
+        (dict(candidates=2), r"'candidates' parameter of build_aff_mat applies to format='sparse'"),
+    ],
+)
+def test_operator_refuses_sparse_only_options(option, match):
+    # both builders run one implementation: an option the operator cannot honour is refused,
+    # never dropped silently
+    d = _batch(seed=15)
+    with pytest.raises(ValueError, match=match):
+        build_aff_mat(*_args(d), format="operator", **option)
+
+
+def test_graph_matching_problem_takes_build_aff_mat_arguments():
+    import inspect
+
+    want = inspect.signature(build_aff_mat)
+    got = inspect.signature(graph_matching_problem)
+    assert list(got.parameters) == list(want.parameters)
+    for name, p in want.parameters.items():
+        q = got.parameters[name]
+        assert q.kind == p.kind
+        assert q.default == ("sparse" if name == "format" else p.default)
+    d = _batch(seed=16)
+    # positional node counts and keyword options bind as in build_aff_mat
+    p = graph_matching_problem(*_args(d), edge_aff=gaussian_kernel(0.7), dtype="float64")
+    K = build_aff_mat(*_args(d), edge_aff=gaussian_kernel(0.7), dtype="float64", format="sparse")
+    np.testing.assert_array_equal(p.n1, d["n1"])
+    for k in range(3):
+        np.testing.assert_array_equal(p.affinity.Ks[k].toarray(), K[k].toarray())
+    with pytest.raises(TypeError, match=r"graph_matching_problem\(\) .*'fromat'"):
+        graph_matching_problem(*_args(d), fromat="dense")
+    with pytest.raises(TypeError, match=r"graph_matching_problem\(\) .*positional"):
+        graph_matching_problem(*_args(d), "extra")
+
+
+def test_csr_affinity_takes_symmetry_and_candidates_at_construction():
+    d = _batch(seed=17)
+    Ks = build_aff_mat(*_args(d), format="sparse", dtype="float64")
+    cand = np.ones((3, 5, 6), dtype=bool)
+    aff = CSRAffinity(Ks, 5, 6, candidates=cand)
+    assert aff.candidates is cand
+    assert aff.symmetric == all((K != K.T).nnz == 0 for K in Ks)  # None: tested on use
+    X = np.random.default_rng(0).random((3, 5, 6))
+    sym = CSRAffinity([K + K.T for K in Ks], 5, 6, symmetric=True)
+    np.testing.assert_allclose(sym.rmatvec(X), sym.matvec(X), atol=1e-12)
+    assert CSRAffinity(Ks, 5, 6).candidates is None
+    with pytest.raises(ValueError, match=r"'candidates' parameter of CSRAffinity .* \(3, 5, 6\)"):
+        CSRAffinity(Ks, 5, 6, candidates=cand[:, :4])
+
+
+def test_affinity_modules_import_without_a_cycle():
+    import ast
+    from pathlib import Path
+
+    import qapfuse.affinity as pkg
+
+    root = Path(pkg.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # `from .x import`, anywhere
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+        graph[path.stem] = deps - {"__init__"}
+    assert "_builders" in graph and "_operator" in graph
+    done, stack = set(), []
+
+    def visit(m):
+        assert m not in stack, f"import cycle: {' -> '.join([*stack, m])}"
+        if m in done or m not in graph:
+            return
+        stack.append(m)
+        for dep in graph[m]:
+            visit(dep)
+        stack.pop()
+        done.add(m)
+
+    for m in graph:
+        visit(m)

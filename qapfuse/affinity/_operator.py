@@ -29,12 +29,12 @@ from itertools import combinations_with_replacement
 from typing import Any
 
 import numpy as np
-from scipy import special
 
 from .. import backend
 from ..backend import Array
 from ..problem import Affinity, vec
-from .kernels import Kernel
+from ._inputs import CheckedGraphs, symmetric_graphs
+from ._kernel import Kernel
 
 __all__ = ["EdgeFactorAffinity", "gaussian_terms"]
 
@@ -51,6 +51,8 @@ def gaussian_terms(z: float, d: int, tol: float) -> tuple[int, int, float]:
     tol : float > 0
         Wanted bound on the absolute error of every entry of ``K``.
     """
+    from scipy import special  # slow to import, and needed by the Gaussian expansion only
+
     T = 0
     while special.pdtrc(T, z) > tol and T < 10_000:
         T += 1
@@ -191,10 +193,15 @@ class EdgeFactorAffinity(Affinity):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def _from_graphs(
-        cls, g: Any, node: Array | None, ke: Kernel, dt: Any, *, tol: float, max_terms: int
+        cls,
+        g: CheckedGraphs,
+        node: Array | None,
+        ke: Kernel,
+        dt: Any,
+        *,
+        tol: float,
+        max_terms: int,
     ) -> EdgeFactorAffinity:
-        from .builders import _symmetric_graphs
-
         caller = "build_aff_mat(format='operator')"
         if ke.name not in ("inner_product", "gaussian") and g.has_edge:
             raise ValueError(
@@ -207,7 +214,7 @@ class EdgeFactorAffinity(Affinity):
         dev = None
         if is_torch:
             dev = (g.g1.node if g.has_node else g.g1.conn[0]).device
-        sym = _symmetric_graphs(g)
+        sym = symmetric_graphs(g)
         factors, n_terms, err = [], [], 0.0
         L = None
         if node is not None:

@@ -11,7 +11,8 @@ and each non-zero is written exactly once.
 Built-in kernels are chosen by ``kind`` (0: inner product, 1: Gaussian ``exp(-||x-y||^2 /
 sigma)``, 2: the Gaussian with a single-precision ``exp`` for float32 storage) and are cached
 on disk. A user kernel gets its own compiled copy of the same code (see
-:func:`custom_kernels`), which Numba cannot cache.
+:func:`custom_kernels`), which Numba cannot cache. Importing this module imports Numba but
+compiles nothing: a kernel is compiled, or loaded from Numba's cache, on its first call.
 """
 
 from __future__ import annotations

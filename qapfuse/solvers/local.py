@@ -28,22 +28,22 @@ from .._validation import Option, check_options, warn_not_converged
 from ..problem import DENSE_MAX_BYTES, Problem
 from . import _local_instances
 from ._common import check_problem
-from ._local_instances import _Instance, _perms_to_X, _start_perms
-from ._local_instances import perms_from_hard as perms_from_hard
-from ._local_kernels import _DENSE, _initial_deltas, _tabu_chunk, _two_opt_best, _two_opt_first
-from ._local_kernels import _KB as _KB
-from ._local_kernels import _KB_SYM as _KB_SYM
-from ._local_kernels import _all_deltas as _all_deltas
-from ._local_kernels import _apply_pending as _apply_pending
-from ._local_kernels import _cost as _cost
-from ._local_kernels import _delta as _delta
-from ._local_kernels import _move_vectors as _move_vectors
-from ._local_kernels import _swap as _swap
-from ._local_kernels import _updated as _updated
+from ._local_instances import _Instance, _perms_to_X, _start_perms, perms_from_hard
+from ._local_kernels import (
+    _DENSE,
+    _OPT_LOCAL,
+    _OPT_MOVES,
+    _TABU_BEST,
+    _TABU_BEST_IS_LOCAL,
+    _TABU_IT,
+    _initial_deltas,
+    _tabu_chunk,
+    _two_opt_best,
+    _two_opt_first,
+    new_tabu_state,
+    new_two_opt_state,
+)
 from .result import MatchResult, make_result
-
-# The ``name as name`` imports above are re-exports: pipeline.py and the tests reach these
-# helpers through this module.
 
 __all__ = ["OPTIONS_TABU", "OPTIONS_TWO_OPT", "tabu", "two_opt"]
 
@@ -116,21 +116,27 @@ def warm_up() -> float:
     L = rng.random((3, 4))
     kb = Problem.koopmans_beckmann(A[:3, :3], B, L)
     dense = Problem.from_dense(kb.to_dense()[0], 3, 4)
+    perms = [np.arange(4, dtype=np.int64)]
     for prob in (kb, dense):
-        inst = _instances(prob, "warm_up")[0]
+        runner = LocalSearch(prob, "warm_up")
         for strategy in ("first", "best"):
-            _run_two_opt(inst, np.arange(4, dtype=np.int64), strategy, 10, None)
-        _run_tabu(inst, np.arange(4, dtype=np.int64), 10, None, None, None, rng)
+            runner.two_opt(perms, strategy=strategy, max_iter=10, deadline=None)
+        runner.tabu(perms, max_iter=10, deadline=None, gen=rng)
     _COMPILED = True
     return time.perf_counter() - t0
 
 
-def _share_deadline(time_limit: float | None, t_run: float, k: int, count: int) -> float | None:
-    """Deadline of instance `k` of `count`: an equal share of what is left of `time_limit`."""
-    if time_limit is None:
+def share_deadline(deadline: float | None, k: int, count: int) -> float | None:
+    """Deadline of part `k` of `count` (instances, rounds): an equal share of what is left
+    until `deadline` (a ``time.perf_counter`` value), or None for no deadline."""
+    if deadline is None:
         return None
-    left = time_limit - (time.perf_counter() - t_run)
-    return time.perf_counter() + max(left, 0.0) / (count - k)
+    now = time.perf_counter()
+    return now + max(deadline - now, 0.0) / (count - k)
+
+
+def _deadline(time_limit: float | None) -> float | None:
+    return None if time_limit is None else time.perf_counter() + time_limit
 
 
 def _check_common(
@@ -146,9 +152,16 @@ def _check_common(
 
 
 class _Chunker:
-    """Chooses chunk sizes so that the deadline is checked every ~10 ms."""
+    """Chooses chunk sizes so that the deadline is checked every ~10 ms.
+
+    `first` is a guess of the steps in ~10 ms; under a deadline the first chunk is a sixteenth
+    of it (the rate is unknown until a chunk has run: on small problems the guess can take
+    ~15 ms), and later chunks follow the measured rate, growing at most fourfold.
+    """
 
     def __init__(self, deadline: float | None, budget: int | None, first: int):
+        if deadline is not None:
+            first //= 16
         self.deadline, self.left, self.size = deadline, budget, max(1, first)
 
     def next(self) -> int:
@@ -173,20 +186,40 @@ class _Chunker:
             self.size = 1 << 30
 
 
+@dataclass(frozen=True)
+class _TwoOptRun:
+    """Outcome of 2-opt on one instance: final permutation, swaps made, local optimum reached."""
+
+    p: np.ndarray
+    moves: int
+    local: bool
+
+
+@dataclass(frozen=True)
+class _TabuRun:
+    """Outcome of tabu search on one instance: final and best permutation, the best cost
+    (minimisation form), iterations run, and whether the best is a verified local optimum."""
+
+    p: np.ndarray
+    best_p: np.ndarray
+    best: float
+    n_iter: int
+    best_is_local: bool
+
+
 def _run_two_opt(
     inst: _Instance,
     p: np.ndarray,
     strategy: str,
     max_iter: int | None,
     deadline: float | None,
-) -> tuple[np.ndarray, int, bool]:
-    """2-opt on one instance from permutation `p`; returns (p, moves, local_optimum)."""
+) -> _TwoOptRun:
+    """2-opt on one instance from permutation `p`."""
     p = p.copy()
-    state = np.zeros(5, dtype=np.int64)
-    state[2] = 1
+    state = new_two_opt_state()
     n = inst.n
     if n < 2 or inst.n1 == 0:
-        return p, 0, True
+        return _TwoOptRun(p, 0, True)
     args = inst.state(p)
     big = 1 << 62
     if strategy == "best":
@@ -198,13 +231,13 @@ def _run_two_opt(
             t0 = time.perf_counter()
             _two_opt_best(*args, p, delta, state, steps, inst.tol, *vecs)
             chunk.done(steps, time.perf_counter() - t0)
-            if state[0]:
+            if state[_OPT_LOCAL]:
                 break
-        return p, int(state[3]), bool(state[0])
+        return _TwoOptRun(p, int(state[_OPT_MOVES]), bool(state[_OPT_LOCAL]))
     # First improvement: chunks count evaluated swaps (each O(n)); max_iter counts moves.
     chunk = _Chunker(deadline, None, max(1, 200000 // n))
     while (evals := chunk.next()) > 0:
-        moves_left = big if max_iter is None else max_iter - int(state[3])
+        moves_left = big if max_iter is None else max_iter - int(state[_OPT_MOVES])
         if moves_left <= 0:
             break
         t0 = time.perf_counter()
@@ -212,18 +245,9 @@ def _run_two_opt(
             *args, p, state, moves_left, evals if deadline is not None else big, inst.tol
         )
         chunk.done(evals, time.perf_counter() - t0)
-        if state[0]:
+        if state[_OPT_LOCAL]:
             break
-    return p, int(state[3]), bool(state[0])
-
-
-@dataclass
-class _TabuState:
-    p: np.ndarray
-    best_p: np.ndarray
-    best: float
-    n_iter: int
-    best_is_local: bool
+    return _TwoOptRun(p, int(state[_OPT_MOVES]), bool(state[_OPT_LOCAL]))
 
 
 def _run_tabu(
@@ -234,13 +258,13 @@ def _run_tabu(
     tenure: float | None,
     aspiration: int | None,
     gen: np.random.Generator,
-) -> _TabuState:
+) -> _TabuRun:
     """Robust tabu search on one instance from permutation `p`."""
     n, n1 = inst.n, inst.n1
     p = p.copy()
     cost = inst.cost(p)
     if n < 2 or n1 == 0:
-        return _TabuState(p, p.copy(), cost, 0, True)
+        return _TabuRun(p, p.copy(), cost, 0, True)
     t_mean = float(n if tenure is None else tenure)
     lo = max(1, math.floor(0.9 * t_mean))
     hi = max(lo, math.ceil(1.1 * t_mean))
@@ -252,17 +276,13 @@ def _run_tabu(
     # Never-left assignments count as left long ago (not tabu), in a fixed staggered order.
     last = -(np.arange(n * n, dtype=np.int64).reshape(n, n) + 2 * hi + 1)
     best_p = p.copy()
-    fstate = np.array([cost, cost])
-    istate = np.array([0, -1, -1, 0, 1, 0, last.min()], dtype=np.int64)
+    fstate, istate = new_tabu_state(cost, int(last.min()))
     vecs = [np.zeros(n) for _ in range(4)]
     budget = max_iter
     if budget is None and deadline is None:
         budget = default_tabu_iterations(n)
     chunk = _Chunker(deadline, budget, max(1, 200000 // (n * n)))
-    while True:
-        steps = chunk.next()
-        if steps == 0:
-            break
+    while (steps := chunk.next()) > 0:
         t0 = time.perf_counter()
         _tabu_chunk(
             *args,
@@ -280,7 +300,103 @@ def _run_tabu(
             *vecs,
         )
         chunk.done(steps, time.perf_counter() - t0)
-    return _TabuState(p, best_p, float(fstate[1]), int(istate[0]), bool(istate[3]))
+    return _TabuRun(
+        p,
+        best_p,
+        float(fstate[_TABU_BEST]),
+        int(istate[_TABU_IT]),
+        bool(istate[_TABU_BEST_IS_LOCAL]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner: what two_opt, tabu and the default pipeline (auto) share
+# ----------------------------------------------------------------------------------------------
+
+
+class LocalSearch:
+    """Local search over the instances of one problem (internal API).
+
+    Converts the problem once (per-instance minimisation data), turns starts into
+    permutations, runs 2-opt or tabu search over every instance with the time shared evenly
+    (:func:`share_deadline`), and turns permutations back into matchings. :func:`two_opt`,
+    :func:`tabu` and :func:`qapfuse.solvers.pipeline.auto` are written on it.
+
+    Parameters
+    ----------
+    problem : Problem
+        Koopmans--Beckmann, or small enough for a dense ``K`` (:func:`local_search_form`).
+    caller : str
+        Public function named in error messages.
+
+    Raises
+    ------
+    TypeError
+        If the problem has no local-search form.
+    """
+
+    def __init__(self, problem: Problem, caller: str):
+        self.problem = problem
+        self.caller = caller
+        self.instances = _instances(problem, caller)
+
+    @property
+    def form(self) -> str:
+        """``"kb"`` or ``"dense"``."""
+        return "dense" if self.instances and self.instances[0].mode == _DENSE else "kb"
+
+    def start_perms(self, x0: Any, gen: np.random.Generator) -> list[np.ndarray]:
+        """One permutation of ``n2[k]`` per instance: `x0` rounded (Hungarian), or random."""
+        return _start_perms(self.problem, x0, gen, self.caller)
+
+    def perms_from_hard(self, H: np.ndarray) -> list[np.ndarray]:
+        """Permutations from hard matchings `H` of shape (b, n1max, n2max) (numpy)."""
+        return perms_from_hard(self.problem, H)
+
+    def to_X(self, perms: list[np.ndarray]) -> Any:
+        """Matchings (b, n1max, n2max) in the problem's library and device from permutations."""
+        return _perms_to_X(self.problem, perms)
+
+    def two_opt(
+        self,
+        perms: list[np.ndarray],
+        *,
+        strategy: str,
+        max_iter: int | None,
+        deadline: float | None,
+    ) -> list[_TwoOptRun]:
+        """2-opt from `perms`, instance by instance, sharing the time until `deadline`."""
+        count = len(self.instances)
+        return [
+            _run_two_opt(inst, perms[k], strategy, max_iter, share_deadline(deadline, k, count))
+            for k, inst in enumerate(self.instances)
+        ]
+
+    def tabu(
+        self,
+        perms: list[np.ndarray],
+        *,
+        max_iter: int | None,
+        deadline: float | None,
+        gen: np.random.Generator,
+        tenure: float | None = None,
+        aspiration: int | None = None,
+    ) -> list[_TabuRun]:
+        """Robust tabu search from `perms`, instance by instance, sharing the time until
+        `deadline`; with neither `max_iter` nor `deadline`, :func:`default_tabu_iterations`."""
+        count = len(self.instances)
+        return [
+            _run_tabu(
+                inst,
+                perms[k],
+                max_iter,
+                share_deadline(deadline, k, count),
+                tenure,
+                aspiration,
+                gen,
+            )
+            for k, inst in enumerate(self.instances)
+        ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,31 +477,27 @@ def two_opt(
         OPTIONS_TWO_OPT,
     )
     gen = backend.rng_from(rng, caller=caller)
-    insts = _instances(problem, caller)
-    perms0 = _start_perms(problem, x0, gen, caller)
+    runner = LocalSearch(problem, caller)
+    perms0 = runner.start_perms(x0, gen)
     warm_up()
-    t_run = time.perf_counter()
-    perms, moves, local = [], 0, True
-    for k, inst in enumerate(insts):
-        deadline = _share_deadline(time_limit, t_run, k, len(insts))
-        p, m, ok = _run_two_opt(inst, perms0[k], strategy, max_iter, deadline)
-        perms.append(p)
-        moves += m
-        local = local and ok
+    runs = runner.two_opt(
+        perms0, strategy=strategy, max_iter=max_iter, deadline=_deadline(time_limit)
+    )
+    moves = sum(run.moves for run in runs)
+    local = all(run.local for run in runs)
     if not local:
         knob = "max_iter" if time_limit is None else "time_limit (or max_iter)"
         warn_not_converged(
             f"two_opt stopped after {moves} swaps before reaching a local optimum; raise {knob}."
         )
-    X = _perms_to_X(problem, perms)
     return make_result(
         problem,
-        X,
+        runner.to_X([run.p for run in runs]),
         soft=None,
         n_iter=moves,
         converged=local,
         start=start,
-        info={"form": "dense" if insts and insts[0].mode == _DENSE else "kb", "strategy": strategy},
+        info={"form": runner.form, "strategy": strategy},
     )
 
 
@@ -477,24 +589,23 @@ def tabu(
         OPTIONS_TABU,
     )
     gen = backend.rng_from(rng, caller=caller)
-    insts = _instances(problem, caller)
-    perms0 = _start_perms(problem, x0, gen, caller)
+    runner = LocalSearch(problem, caller)
+    perms0 = runner.start_perms(x0, gen)
     warm_up()
-    t_run = time.perf_counter()
-    perms, n_iter, local = [], 0, True
-    for k, inst in enumerate(insts):
-        deadline = _share_deadline(time_limit, t_run, k, len(insts))
-        st = _run_tabu(inst, perms0[k], max_iter, deadline, tenure, aspiration, gen)
-        perms.append(st.best_p)
-        n_iter += st.n_iter
-        local = local and st.best_is_local
-    X = _perms_to_X(problem, perms)
+    runs = runner.tabu(
+        perms0,
+        max_iter=max_iter,
+        deadline=_deadline(time_limit),
+        gen=gen,
+        tenure=tenure,
+        aspiration=aspiration,
+    )
     return make_result(
         problem,
-        X,
+        runner.to_X([run.best_p for run in runs]),
         soft=None,
-        n_iter=n_iter,
-        converged=local,
+        n_iter=sum(run.n_iter for run in runs),
+        converged=all(run.best_is_local for run in runs),
         start=start,
-        info={"form": "dense" if insts and insts[0].mode == _DENSE else "kb"},
+        info={"form": runner.form},
     )

@@ -54,7 +54,7 @@ import numpy as np
 from numba import njit
 
 if TYPE_CHECKING:
-    from ._local_instances import _Instance
+    from ._local_instances import Instance
 
 # Kernel modes: Koopmans-Beckmann (general / both matrices symmetric) and dense Lawler K.
 _KB, _DENSE, _KB_SYM = 0, 1, 2
@@ -629,7 +629,7 @@ def _apply_pending(mode, F, FT, G, GT, C, K, n1, p, delta, istate, a1, a2, b1, b
     istate[_TABU_V] = -1
 
 
-def _initial_deltas(inst: _Instance, args: tuple[Any, ...], p: np.ndarray) -> np.ndarray:
+def _initial_deltas(inst: Instance, args: tuple[Any, ...], p: np.ndarray) -> np.ndarray:
     """Matrix of all swap deltas at `p` (upper triangle used): BLAS for KB, loops for dense."""
     n = inst.n
     if inst.mode == _DENSE:

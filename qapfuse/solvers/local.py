@@ -1,10 +1,13 @@
 r"""Local search for QAPs over permutations: 2-opt and robust tabu search (Numba).
 
-This module holds the public solvers (:func:`two_opt`, :func:`tabu`, :func:`warm_up`), their
-options and the time-limited drivers. The minimisation form, the O(n) swap delta and its O(1)
-update (the "module notes" cited below) are derived in :mod:`qapfuse.solvers._local_kernels`,
-with the Numba kernels; :mod:`qapfuse.solvers._local_instances` turns a :class:`Problem` into
-per-instance numpy data.
+This module holds the public solvers (:func:`two_opt`, :func:`tabu`), their options, the
+time-limited drivers and :class:`LocalSearch`, the small internal runner on which both solvers
+and the default pipeline (:func:`qapfuse.solvers.auto`) are written: it converts a problem
+once, turns starts into permutations, runs either search over every instance with the time
+shared by :func:`share_deadline` (the one deadline helper), and turns permutations back into
+matchings. The minimisation form, the O(n) swap delta and its O(1) update (the "module notes"
+cited below) are derived in :mod:`qapfuse.solvers._local_kernels`, with the Numba kernels;
+:mod:`qapfuse.solvers._local_instances` turns a :class:`Problem` into per-instance numpy data.
 
 References
 ----------
@@ -28,7 +31,7 @@ from .._validation import Option, check_options, warn_not_converged
 from ..problem import DENSE_MAX_BYTES, Problem
 from . import _local_instances
 from ._common import check_problem
-from ._local_instances import _Instance, _perms_to_X, _start_perms, perms_from_hard
+from ._local_instances import Instance, perms_from_hard, perms_to_X, start_perms
 from ._local_kernels import (
     _DENSE,
     _OPT_LOCAL,
@@ -87,9 +90,9 @@ def local_search_form(problem: Problem) -> str | None:
     return _local_instances.local_search_form(problem, DENSE_MAX_BYTES)
 
 
-def _instances(problem: Problem, caller: str) -> list[_Instance]:
+def _instances(problem: Problem, caller: str) -> list[Instance]:
     """Per-instance minimisation data (numpy float64), converted from the problem once."""
-    return _local_instances._instances(problem, caller, DENSE_MAX_BYTES)
+    return _local_instances.instances(problem, caller, DENSE_MAX_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class _TabuRun:
 
 
 def _run_two_opt(
-    inst: _Instance,
+    inst: Instance,
     p: np.ndarray,
     strategy: str,
     max_iter: int | None,
@@ -251,7 +254,7 @@ def _run_two_opt(
 
 
 def _run_tabu(
-    inst: _Instance,
+    inst: Instance,
     p: np.ndarray,
     max_iter: int | None,
     deadline: float | None,
@@ -347,7 +350,7 @@ class LocalSearch:
 
     def start_perms(self, x0: Any, gen: np.random.Generator) -> list[np.ndarray]:
         """One permutation of ``n2[k]`` per instance: `x0` rounded (Hungarian), or random."""
-        return _start_perms(self.problem, x0, gen, self.caller)
+        return start_perms(self.problem, x0, gen, self.caller)
 
     def perms_from_hard(self, H: np.ndarray) -> list[np.ndarray]:
         """Permutations from hard matchings `H` of shape (b, n1max, n2max) (numpy)."""
@@ -355,7 +358,7 @@ class LocalSearch:
 
     def to_X(self, perms: list[np.ndarray]) -> Any:
         """Matchings (b, n1max, n2max) in the problem's library and device from permutations."""
-        return _perms_to_X(self.problem, perms)
+        return perms_to_X(self.problem, perms)
 
     def two_opt(
         self,

@@ -11,8 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from qapfuse import Problem, auto, solve
-from qapfuse.solvers import local as lsearch
-from qapfuse.solvers import pipeline
+from qapfuse.solvers import _local as lsearch
+from qapfuse.solvers import _pipeline as pipeline
 
 QAPLIB = Path(__file__).resolve().parents[2] / "shared" / "qaplib"
 

@@ -323,7 +323,7 @@ class LocalSearch:
     Converts the problem once (per-instance minimisation data), turns starts into
     permutations, runs 2-opt or tabu search over every instance with the time shared evenly
     (:func:`share_deadline`), and turns permutations back into matchings. :func:`two_opt`,
-    :func:`tabu` and :func:`qapfuse.solvers.pipeline.auto` are written on it.
+    :func:`tabu` and :func:`qapfuse.solvers.auto` are written on it.
 
     Parameters
     ----------

@@ -15,9 +15,9 @@ from .._validation import Option, check_options
 from ..errors import ConvergenceWarning
 from ..problem import Problem
 from ._common import check_problem, initial_soft, random_soft
+from ._local import LocalSearch, local_search_form, share_deadline, warm_up
 from .ga import ga
 from .ipfp import ipfp
-from .local import LocalSearch, local_search_form, share_deadline, warm_up
 from .result import MatchResult, make_result
 
 __all__ = ["OPTIONS", "auto"]

@@ -12,8 +12,8 @@ import pytest
 import scipy.sparse as sp
 
 from qapfuse import ConvergenceWarning, Problem, solve, tabu, two_opt
-from qapfuse.solvers import _local as lsearch
 from qapfuse.solvers import _local_kernels as kernels
+from qapfuse.solvers import _local_runner as lsearch
 
 QAPLIB = Path(__file__).resolve().parents[2] / "shared" / "qaplib"
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from qapfuse import Problem, auto, solve
-from qapfuse.solvers import _local as lsearch
+from qapfuse.solvers import _local_runner as lsearch
 from qapfuse.solvers import _pipeline as pipeline
 
 QAPLIB = Path(__file__).resolve().parents[2] / "shared" / "qaplib"

@@ -15,7 +15,7 @@ from .._validation import Option, check_options
 from ..errors import ConvergenceWarning
 from ..problem import Problem
 from ._common import check_problem, initial_soft, random_soft
-from ._local import LocalSearch, local_search_form, share_deadline, warm_up
+from ._local_runner import LocalSearch, deadline_in, local_search_form, share_deadline, warm_up
 from .ga import ga
 from .ipfp import ipfp
 from .result import MatchResult, make_result
@@ -140,7 +140,7 @@ def auto(
 
     runner = LocalSearch(problem, caller)
     warm_up()  # compile outside the budget
-    deadline = time.perf_counter() + T
+    deadline = deadline_in(T)
     R = _rounds(T)
     nmax = max(int(problem.n2.max()), 1) if problem.batch else 1
     best: list[Any] = [None] * problem.batch  # the best tabu run per instance

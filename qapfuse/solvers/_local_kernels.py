@@ -38,6 +38,16 @@ with ``a_k = F_ku - F_kv``, ``a'_k = F_uk - F_vk``, ``b_k = D_{qk qu} - D_{qk qv
 ``b'_k = D_{qu qk} - D_{qv qk}`` (all O(n) per move). The linear term of a disjoint pair does
 not change. The tests check this against recomputation.
 
+Kernel state
+------------
+The kernels keep their state in plain int64/float64 arrays, so that a time-limited driver can
+run them in chunks and resume in place; each slot has a named constant (``_OPT_*``,
+``_TABU_*``) and fresh states come from :func:`new_two_opt_state` and :func:`new_tabu_state`.
+The update of all pairs disjoint from a move is written once, in :func:`_update_row`, which the
+2-opt, tabu and pending-move loops call once per row: a helper called once per *pair*, even
+with ``inline="always"``, made tabu search about 13 times slower (tai100a, 20,000
+iterations: 7.2 s against 0.53 s), while the row helper keeps the same speed.
+
 References
 ----------
 .. [1] É. D. Taillard, "Robust taboo search for the quadratic assignment problem",
@@ -323,10 +333,9 @@ def _update_row(mode, K, n1, p, delta, r, u, v, a1, a2, b1, b2):
     """Bring row r of ``delta`` up to date after the move (u, v), for ``r`` not in ``{u, v}``
     (the entries ``(r, u)``, ``(r, v)`` are refreshed by :func:`_refresh_rows`).
 
-    The one copy of the per-pair update that the 2-opt, tabu and pending-move loops share. It
-    works a row per call: a call per pair (even with ``inline="always"``) made tabu search
-    about 12 times slower, while the row keeps the KB update a tight loop over contiguous
-    memory.
+    The one copy of the per-pair update that the 2-opt, tabu and pending-move loops share,
+    a row per call (see "Kernel state" in the module notes for why not a pair per call).
+    Inlined, so that the per-row call costs nothing on small problems.
     """
     n = p.shape[0]
     if mode != _DENSE:

@@ -34,6 +34,8 @@ DEFAULT_TIME_LIMIT = 2.0
 # IPFP gets at most this share of a round, estimated from n^3 per step before it runs.
 _IPFP_SHARE = 0.15
 _IPFP_SECONDS_PER_N3 = 5e-9  # conservative (measured 1-3e-9 s * n^3 + ~1 ms per step)
+# Rounds after the first start at random when fewer IPFP steps fit.
+_IPFP_MIN_STEPS = 3
 
 
 def _rounds(time_limit: float) -> int:
@@ -143,7 +145,7 @@ def auto(
     deadline = deadline_in(T)
     R = _rounds(T)
     nmax = max(int(problem.n2.max()), 1) if problem.batch else 1
-    best: list[Any] = [None] * problem.batch  # the best tabu run per instance
+    best: list[Any] = [None] * problem.batch  # the best tabu run per instance so far
     starts: list[str] = []
     n_iter = 0
     for rnd in range(R):
@@ -176,18 +178,17 @@ def _round_start(
     Round 0 always has a continuous start (`x0`, or at least one IPFP step from the uniform
     matrix, rounded), however short the budget: tabu search only improves on its start, so
     the result is never worse than it. Later rounds use IPFP from a random soft start when
-    `steps` >= 3 fit in their share, else a random permutation.
+    `steps` >= ``_IPFP_MIN_STEPS`` fit in their share, else a random permutation.
     """
     problem = runner.problem
     if rnd == 0 and x0 is not None:
         return runner.start_perms(x0, gen), "x0"
-    if rnd > 0 and steps < 3:
+    if rnd > 0 and steps < _IPFP_MIN_STEPS:
         return runner.start_perms(None, gen), "random"
     init = None if rnd == 0 else random_soft(problem, gen)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a start, not an answer
         res = ipfp(problem, x0=init, max_iter=max(steps, 1), tol=1e-3)
     H = backend.to_numpy(res.X)
-    return runner.perms_from_hard(H if problem.batched else H[None]), (
-        "ipfp" if rnd == 0 else "ipfp-random"
-    )
+    kind = "ipfp" if rnd == 0 else "ipfp-random"
+    return runner.perms_from_hard(H if problem.batched else H[None]), kind

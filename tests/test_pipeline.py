@@ -150,12 +150,13 @@ def test_auto_under_any_limit_keeps_at_least_the_rounded_continuous_start(monkey
     assert res.objective <= rounded_start
     assert sorted(res.permutation.tolist()) == list(range(12))
     assert (A * B[np.ix_(res.permutation, res.permutation)]).sum() == res.objective
-    # A clock that jumps a second per reading: no time for any tabu iteration.
+    # A clock that jumps a second per reading: the budget is spent before tabu search starts,
+    # which still runs its one short first chunk from the rounded start.
     clock = _SteppingClock(1.0)
     monkeypatch.setattr(pipeline, "time", clock)
     monkeypatch.setattr(lsearch, "time", clock)
     res = auto(p, time_limit=1e-4, rng=0)
-    assert res.n_iter == 0 and res.info["starts"] == ["ipfp"]
+    assert res.info["starts"] == ["ipfp"] and res.n_iter > 0
     assert res.objective <= rounded_start
 
 

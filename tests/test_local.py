@@ -12,7 +12,8 @@ import pytest
 import scipy.sparse as sp
 
 from qapfuse import ConvergenceWarning, Problem, solve, tabu, two_opt
-from qapfuse.solvers import local as lsearch
+from qapfuse.solvers import _local_kernels as kernels
+from qapfuse.solvers import _local_runner as lsearch
 
 QAPLIB = Path(__file__).resolve().parents[2] / "shared" / "qaplib"
 
@@ -143,7 +144,7 @@ def test_swap_delta_matches_recomputation(form):
             for s in range(r + 1, 9):
                 q = perm.copy()
                 q[[r, s]] = q[[s, r]]
-                d = lsearch._delta(*args, perm, r, s)
+                d = kernels._delta(*args, perm, r, s)
                 assert d == pytest.approx(_full_cost(inst, q) - base, abs=1e-9)
 
 
@@ -161,17 +162,17 @@ def test_incremental_delta_update_matches_recomputation(form):
     perm = rng.permutation(n).astype(np.int64)
     args = inst.state(perm)
     delta = np.zeros((n, n))
-    lsearch._all_deltas(*args, perm, delta)
+    kernels._all_deltas(*args, perm, delta)
     vecs = [np.zeros(n) for _ in range(4)]
     for _ in range(25):
         u, v = sorted(rng.choice(n, 2, replace=False))
-        lsearch._swap(args[0], args[3], args[4], perm, u, v)
-        lsearch._move_vectors(*args[:5], perm, u, v, *vecs)
+        kernels._swap(args[0], args[3], args[4], perm, u, v)
+        kernels._move_vectors(*args[:5], perm, u, v, *vecs)
         fresh = np.zeros((n, n))
-        lsearch._all_deltas(*args, perm, fresh)
+        kernels._all_deltas(*args, perm, fresh)
         for r in range(n):
             for s in range(r + 1, n):
-                delta[r, s] = lsearch._updated(*args, perm, delta, r, s, u, v, *vecs)
+                delta[r, s] = kernels._updated(*args, perm, delta, r, s, u, v, *vecs)
         np.testing.assert_allclose(np.triu(delta, 1), np.triu(fresh, 1), atol=1e-9)
         # The permuted second matrix stays in step with the permutation.
         if form == "kb":
@@ -186,16 +187,16 @@ def test_tabu_kernel_keeps_deltas_and_costs_exact(symmetric):
     if symmetric:  # the symmetric kernel mode (one product in the O(n) sums)
         A, B = A + A.T, B + B.T
     inst = lsearch._instances(Problem.koopmans_beckmann(A, B, C, sense="min"), "test")[0]
-    assert inst.mode == (lsearch._KB_SYM if symmetric else lsearch._KB)
+    assert inst.mode == (kernels._KB_SYM if symmetric else kernels._KB)
     perm = np.random.default_rng(2).permutation(n).astype(np.int64)
     st = lsearch._run_tabu(inst, perm, 137, None, None, None, np.random.default_rng(0))
-    assert lsearch._cost(inst.mode, inst.F, inst.state(st.p)[3], inst.C, inst.K, n, st.p) == (
+    assert kernels._cost(inst.mode, inst.F, inst.state(st.p)[3], inst.C, inst.K, n, st.p) == (
         pytest.approx(inst.cost(st.p))
     )
     assert st.best == pytest.approx(kb_cost(A, B, C, st.best_p))
     args = inst.state(st.p)
     delta = np.zeros((n, n))
-    lsearch._all_deltas(*args, st.p, delta)
+    kernels._all_deltas(*args, st.p, delta)
     # Re-run one chunk from the final state through the public driver path: the kernel's
     # incremental deltas must match a fresh computation at every step.
     p2 = st.p.copy()
@@ -207,12 +208,12 @@ def test_tabu_kernel_keeps_deltas_and_costs_exact(symmetric):
     vecs = [np.zeros(n) for _ in range(4)]
     tenures = np.full(8, n, dtype=np.int64)
     for _ in range(20):
-        lsearch._tabu_chunk(
+        kernels._tabu_chunk(
             *args2, p2, d2, last, p2.copy(), fstate, istate, tenures, 22, 500, 1e-9, 3, *vecs
         )
-        lsearch._apply_pending(*args2, p2, d2, istate, *vecs)
+        kernels._apply_pending(*args2, p2, d2, istate, *vecs)
         fresh = np.zeros((n, n))
-        lsearch._all_deltas(*inst.state(p2), p2, fresh)
+        kernels._all_deltas(*inst.state(p2), p2, fresh)
         np.testing.assert_allclose(np.triu(d2, 1), np.triu(fresh, 1), atol=1e-9)
         assert fstate[0] == pytest.approx(kb_cost(A, B, C, p2))
 
@@ -396,3 +397,83 @@ def test_unsupported_operator_names_the_supported_forms(monkeypatch):
     monkeypatch.undo()
     res = two_opt(Problem.from_sparse(sp.random(16, 16, density=0.3, random_state=1)), rng=0)
     assert res.info["form"] == "dense"
+
+
+# -- the shared delta-update row, the runner, and the clock ---------------------------------------
+
+
+@pytest.mark.parametrize("form", ["kb", "dense"])
+def test_row_update_after_a_move_matches_recomputation(form):
+    """The kernels' per-row update (one copy for 2-opt, tabu and pending moves) is exact."""
+    n = 9
+    A, B, C = kb_instance(n, 31)
+    p = Problem.koopmans_beckmann(A, B, C, sense="min")
+    if form == "dense":
+        p = Problem.from_dense(p.to_dense()[0])
+    inst = lsearch._instances(p, "test")[0]
+    rng = np.random.default_rng(4)
+    perm = rng.permutation(n).astype(np.int64)
+    args = inst.state(perm)
+    delta = np.zeros((n, n))
+    kernels._all_deltas(*args, perm, delta)
+    vecs = [np.zeros(n) for _ in range(4)]
+    for _ in range(10):
+        u, v = sorted(rng.choice(n, 2, replace=False))
+        kernels._swap(args[0], args[3], args[4], perm, u, v)
+        kernels._move_vectors(*args[:5], perm, u, v, *vecs)
+        kernels._refresh_rows(*args, perm, delta, u, v)
+        for r in range(n - 1):
+            if r not in (u, v):
+                kernels._update_row(inst.mode, inst.K, n, perm, delta, r, u, v, *vecs)
+        fresh = np.zeros((n, n))
+        kernels._all_deltas(*args, perm, fresh)
+        np.testing.assert_allclose(np.triu(delta, 1), np.triu(fresh, 1), atol=1e-9)
+
+
+def test_runner_shares_one_start_and_result_path_with_the_public_solvers():
+    A, B, C = kb_instance(8, 41)
+    p = Problem.koopmans_beckmann(A, B, C, sense="min")
+    runner = lsearch.LocalSearch(p, "test")
+    perms = runner.start_perms(None, np.random.default_rng(5))
+    runs = runner.tabu(perms, max_iter=200, deadline=None, gen=np.random.default_rng(5))
+    res = tabu(p, max_iter=200, rng=5)
+    np.testing.assert_array_equal(runner.to_X([run.best_p for run in runs])[0], res.X)
+    assert runs[0].best == pytest.approx(kb_cost(A, B, C, runs[0].best_p))
+    assert runner.form == res.info["form"] == "kb"
+
+
+class _SteppingClock:
+    """A stand-in for the `time` module whose clock moves `step` seconds per reading."""
+
+    def __init__(self, step):
+        self.now, self.step, self.reads = 1000.0, step, 0
+
+    def perf_counter(self):
+        self.reads += 1
+        self.now += self.step
+        return self.now
+
+
+def test_tabu_stops_at_the_time_limit_within_a_run(monkeypatch):
+    """With only a time limit there is no iteration budget: the clock alone ends the run."""
+    A, B, C = kb_instance(30, 51)
+    p = Problem.koopmans_beckmann(A, B, C, sense="min")
+    clock = _SteppingClock(1e-3)
+    monkeypatch.setattr(lsearch, "time", clock)
+    res = tabu(p, time_limit=0.02, rng=0)
+    assert 0 < res.n_iter < lsearch.default_tabu_iterations(30)
+    assert clock.reads < 60  # about 4 readings per chunk over 20 ms of 1 ms readings
+    assert kb_cost(A, B, C, res.permutation) == res.objective
+
+
+@pytest.mark.parametrize("strategy", ["first", "best"])
+def test_two_opt_stops_at_the_time_limit_within_a_run(monkeypatch, strategy):
+    rng = np.random.default_rng(6)
+    n = 200
+    p = Problem.koopmans_beckmann(rng.random((n, n)), rng.random((n, n)), sense="min")
+    clock = _SteppingClock(1e-3)
+    monkeypatch.setattr(lsearch, "time", clock)
+    with pytest.warns(ConvergenceWarning, match="raise time_limit"):
+        res = two_opt(p, strategy=strategy, time_limit=0.01, rng=0)
+    assert res.n_iter > 0 and not res.converged
+    assert clock.reads < 30

@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from qapfuse import Problem, auto, solve
-from qapfuse.solvers import local as lsearch
+from qapfuse.solvers import _local_runner as lsearch
+from qapfuse.solvers import _pipeline as pipeline
 
 QAPLIB = Path(__file__).resolve().parents[2] / "shared" / "qaplib"
 
@@ -112,3 +113,62 @@ def test_auto_reaches_qaplib_optimum(name):
     best = int(open(QAPLIB / f"{name}.sln").read().split()[1])
     res = solve(Problem.koopmans_beckmann(A, B, sense="min"), "auto", time_limit=0.5, rng=0)
     assert res.objective == best
+
+
+# -- the budget: rounds and the start that every budget keeps --------------------------------------
+
+
+class _SteppingClock:
+    """A stand-in for the `time` module whose clock moves `step` seconds per reading."""
+
+    def __init__(self, step):
+        self.now, self.step = 1000.0, step
+
+    def perf_counter(self):
+        self.now += self.step
+        return self.now
+
+
+def _chr12a():
+    from qapfuse.io.qaplib import example_path, read_dat
+
+    A, B = read_dat(example_path("chr12a"))
+    return Problem.koopmans_beckmann(A, B, sense="min"), A, B
+
+
+@pytest.mark.filterwarnings("ignore::qapfuse.ConvergenceWarning")
+def test_auto_under_any_limit_keeps_at_least_the_rounded_continuous_start(monkeypatch):
+    """The path that once returned a random permutation (442% gap on chr12a): a budget too
+    short for IPFP by its estimate. Round 1 still rounds a continuous start, and tabu search
+    only improves on it, even when the clock leaves it no iteration at all."""
+    from qapfuse import ipfp
+
+    p, A, B = _chr12a()
+    rounded_start = ipfp(p, max_iter=1).objective  # one Frank-Wolfe step from uniform
+    res = auto(p, time_limit=1e-4, rng=0)
+    assert res.info["starts"] == ["ipfp"]
+    assert res.objective <= rounded_start
+    assert sorted(res.permutation.tolist()) == list(range(12))
+    assert (A * B[np.ix_(res.permutation, res.permutation)]).sum() == res.objective
+    # A clock that jumps a second per reading: the budget is spent before tabu search starts,
+    # which still runs its one short first chunk from the rounded start.
+    clock = _SteppingClock(1.0)
+    monkeypatch.setattr(pipeline, "time", clock)
+    monkeypatch.setattr(lsearch, "time", clock)
+    res = auto(p, time_limit=1e-4, rng=0)
+    assert res.info["starts"] == ["ipfp"] and res.n_iter > 0
+    assert res.objective <= rounded_start
+
+
+def test_auto_checks_the_time_limit_between_rounds(monkeypatch):
+    p, _, _ = _chr12a()
+    rounds = {}
+    for step in (0.01, 0.4):  # seconds per clock reading: ~100 or ~2 readings per round
+        clock = _SteppingClock(step)
+        monkeypatch.setattr(pipeline, "time", clock)
+        monkeypatch.setattr(lsearch, "time", clock)
+        res = auto(p, time_limit=3.0, rng=0, x0=np.eye(12))
+        assert res.info["starts"][0] == "x0"
+        rounds[step] = res.info["rounds"]
+    assert rounds[0.01] == 3  # a 3 s budget has three rounds ...
+    assert rounds[0.4] < 3  # ... and stops after the round that used it up

@@ -406,7 +406,7 @@ def run(argv: list[str]) -> int:
     with blas_threads(args.threads) as threads_note, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning / pygmtools' runtime warnings
         info = machine_info(threads_note)
-        from ..solvers.local import warm_up
+        from ..solvers._local_runner import warm_up
 
         log.info("mgm: warming up (imports, compiled kernels) before any clock runs")
         warm_up()  # Numba: 2-opt and tabu kernels (gamgm's pair polish and Hungarian phase)

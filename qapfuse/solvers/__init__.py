@@ -13,20 +13,19 @@ import numpy as np
 from .. import backend
 from .._validation import Option, check_choice, check_options, check_scalar
 from ..problem import Problem
+from . import _local, _pipeline
 from . import ga as _ga
 from . import ipfp as _ipfp
-from . import local as _local
-from . import pipeline as _pipeline
 from . import rrwm as _rrwm
 from . import sm as _sm
 from ._common import check_problem, kicked, random_soft
+from ._local import tabu, two_opt
+from ._pipeline import auto
 from .ga import ga
 from .ipfp import ipfp
 from .lap import hungarian, sinkhorn
-from .local import tabu, two_opt
 from .multi import MultiMatchResult, consistency, gamgm, gamgm_affinity, synchronize
 from .partial import match_with_outliers, partial_hungarian, sinkhorn_slack
-from .pipeline import auto
 from .result import MatchResult
 from .rrwm import rrwm
 from .sm import sm

@@ -1,9 +1,9 @@
 """Problem -> per-instance numpy data for the local searches, and permutations -> matchings.
 
-A problem is turned into one :class:`_Instance` per batch entry, in the minimisation form of
+A problem is turned into one :class:`Instance` per batch entry, in the minimisation form of
 :mod:`qapfuse.solvers._local_kernels` (Koopmans--Beckmann ``F, D, C`` or a dense Lawler ``K``),
-padded with dummy rows when ``n1 < n2``. The dense-``K`` limit is passed in by
-:mod:`qapfuse.solvers.local` (its ``DENSE_MAX_BYTES``).
+padded with dummy rows when ``n1 < n2``. The dense-``K`` limit is passed in by the local-search
+runner (its ``DENSE_MAX_BYTES``, read at call time).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ._local_kernels import _DENSE, _EMPTY2, _KB, _KB_SYM, _cost
 
 
 @dataclass
-class _Instance:
+class Instance:
     """One instance in minimisation form over permutations of ``n`` (= n2) rows."""
 
     mode: int
@@ -82,10 +82,10 @@ def _tolerance(scale: float) -> float:
     return 1e-9 * max(scale, 1e-300)
 
 
-def _instances(problem: Problem, caller: str, max_bytes: int) -> list[_Instance]:
+def instances(problem: Problem, caller: str, max_bytes: int) -> list[Instance]:
     """Per-instance minimisation data (numpy float64), converted from the problem once."""
     split = _split_kb(problem)
-    out: list[_Instance] = []
+    out: list[Instance] = []
     if split is not None:
         kb, lin = split
         A = backend.to_numpy(kb.A).astype(np.float64)
@@ -106,7 +106,7 @@ def _instances(problem: Problem, caller: str, max_bytes: int) -> list[_Instance]
             scale += np.abs(C).max(initial=0)
             FT = np.ascontiguousarray(F.T)
             mode = _KB_SYM if np.array_equal(F, FT) and np.array_equal(D, D.T) else _KB
-            out.append(_Instance(mode, n1, n, F, FT, D, C, _EMPTY2, _tolerance(scale)))
+            out.append(Instance(mode, n1, n, F, FT, D, C, _EMPTY2, _tolerance(scale)))
         return out
     need = dense_nbytes(problem.batch, problem.n1max, problem.n2max)
     if need > max_bytes:
@@ -126,7 +126,7 @@ def _instances(problem: Problem, caller: str, max_bytes: int) -> list[_Instance]
         Kk = np.ascontiguousarray(Kall[k][np.ix_(sel, sel)])
         scale = np.abs(Kk).max(initial=0) * max(n1, 1) * 4
         out.append(
-            _Instance(_DENSE, n1, n, _EMPTY2, _EMPTY2, _EMPTY2, _EMPTY2, Kk, _tolerance(scale))
+            Instance(_DENSE, n1, n, _EMPTY2, _EMPTY2, _EMPTY2, _EMPTY2, Kk, _tolerance(scale))
         )
     return out
 
@@ -136,7 +136,7 @@ def _instances(problem: Problem, caller: str, max_bytes: int) -> list[_Instance]
 # ----------------------------------------------------------------------------------------------
 
 
-def _start_perms(
+def start_perms(
     problem: Problem, x0: Any, gen: np.random.Generator, caller: str
 ) -> list[np.ndarray]:
     """Permutations of n2[k] per instance: rounded `x0` (Hungarian) or random."""
@@ -164,7 +164,7 @@ def perms_from_hard(problem: Problem, H: np.ndarray) -> list[np.ndarray]:
     return perms
 
 
-def _perms_to_X(problem: Problem, perms: list[np.ndarray]) -> Any:
+def perms_to_X(problem: Problem, perms: list[np.ndarray]) -> Any:
     X = np.zeros((problem.batch, problem.n1max, problem.n2max), dtype=np.float64)
     for k, p in enumerate(perms):
         n1 = int(problem.n1[k])

@@ -92,7 +92,7 @@ def _polish_pairs(
     2-opt optima and pass through unchanged. ``pair_problems(k)`` builds pairs ``k`` of the
     batch `prob` as a batch of their own.
     """
-    from ..local import tabu, two_opt
+    from .._local import tabu, two_opt
 
     polished = two_opt(prob, x0=res.X)
     X2 = polished.X

@@ -101,7 +101,7 @@ def _consensus_sweeps(
     a change is kept when ``F`` grows. With the pairwise matchings of the start (`relay`), a
     first pass re-aligns graphs through their pairs (:func:`_relay_pass`).
     """
-    from ..local import two_opt
+    from .._local import two_opt
 
     if relay is not None:
         U = _relay_pass(obj, U, ns, relay, xp=xp)

@@ -134,7 +134,7 @@ def gamgm(
     pair_tabu : int >= 0
         Polish of the pairwise start: every pair's answer goes through 2-opt, and the pairs
         that 2-opt improved (the answer was not even a local optimum, a sign of a wrong match)
-        get robust tabu search (:func:`~qapfuse.solvers.local.tabu`) for ``pair_tabu * n``
+        get robust tabu search (:func:`~qapfuse.solvers.tabu`) for ``pair_tabu * n``
         iterations. 0: the pairwise answers as they are.
     rng : None, int, numpy.random.Generator or torch.Generator
         Randomness of the ``"uniform"`` start and of the tabu searches. Same seed and

@@ -14,8 +14,8 @@ from .. import backend
 from .._validation import Option, check_options
 from ..errors import ConvergenceWarning
 from ..problem import Problem
-from . import local
 from ._common import check_problem, initial_soft, random_soft
+from ._local_runner import LocalSearch, deadline_in, local_search_form, share_deadline, warm_up
 from .ga import ga
 from .ipfp import ipfp
 from .result import MatchResult, make_result
@@ -34,6 +34,8 @@ DEFAULT_TIME_LIMIT = 2.0
 # IPFP gets at most this share of a round, estimated from n^3 per step before it runs.
 _IPFP_SHARE = 0.15
 _IPFP_SECONDS_PER_N3 = 5e-9  # conservative (measured 1-3e-9 s * n^3 + ~1 ms per step)
+# Rounds after the first start at random when fewer IPFP steps fit.
+_IPFP_MIN_STEPS = 3
 
 
 def _rounds(time_limit: float) -> int:
@@ -60,23 +62,26 @@ def auto(
 
     The budget is split into ``R`` rounds (``R = 1`` under 0.5 s, 2 up to 2 s, then about one
     per second, at most 8). Each round takes a start, runs robust tabu search
-    (:func:`~qapfuse.solvers.local.tabu`) from it until the round's deadline, and the best
+    (:func:`~qapfuse.solvers.tabu`) from it until the round's deadline, and the best
     matching over all rounds is kept (per instance):
 
     * round 1 starts from `x0` if given, else from IPFP [2]_ (Frank--Wolfe with Hungarian
-      steps) from the uniform matrix;
+      steps) from the uniform matrix: at least one step, however short the budget, so the
+      result is never worse than this rounded continuous start (tabu search keeps the best
+      matching it has seen, its start included);
     * later rounds start from IPFP run from a random soft start (a random permutation mixed
       with the uniform matrix), which gives diverse, reasonable starts.
 
-    IPFP is skipped (random permutation instead) when its estimated cost exceeds 15% of a
-    round (about ``1 ms + 5e-9 n^3`` s per step), e.g. ``n > 100`` at ``time_limit=0.13``.
+    IPFP gets the steps that fit in 15% of a round (about ``1 ms + 5e-9 n^3`` s per step, at
+    most 50). In rounds after the first it is skipped (random permutation instead) when fewer
+    than 3 steps fit, e.g. ``n > 170`` at ``time_limit=1``.
     On QAPLIB, IPFP starts helped tabu search on the structured ``tai*b`` instances and did
     not hurt elsewhere, while GA starts cost seconds at ``n >= 25`` for no better tabu
     results, so GA is not used when tabu search applies.
 
     Problems that local search cannot take (neither Koopmans--Beckmann nor small enough for a
-    dense ``K``; see :func:`~qapfuse.solvers.local.tabu`) get graduated assignment
-    (:func:`~qapfuse.solvers.ga.ga`) alone, which does not follow `time_limit`.
+    dense ``K``; see :func:`~qapfuse.solvers.tabu`) get graduated assignment
+    (:func:`~qapfuse.solvers.ga`) alone, which does not follow `time_limit`.
 
     Parameters
     ----------
@@ -85,9 +90,10 @@ def auto(
         instance (the time split evenly).
     time_limit : float > 0, optional
         Wall-clock budget in seconds. Default 2.0. Numba compilation on the first call of a
-        process is not counted; IPFP steps and the O(n^3) set-up of each tabu round are not
-        interrupted, so very short limits can be exceeded by a few milliseconds (n = 256:
-        ~10-20 ms).
+        process is not counted. Rounds stop at their share of the budget; tabu search checks
+        the clock about every 10 ms. IPFP steps (at least one in round 1) and the O(n^3)
+        set-up of each tabu round are not interrupted, so very short limits can be exceeded
+        by a few milliseconds (n = 256: ~10-50 ms).
     x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
         Start of the first round (hard or soft), in the problem's library.
     rng : None, int, numpy.random.Generator or torch.Generator, optional
@@ -128,60 +134,61 @@ def auto(
     if x0 is not None:
         initial_soft(problem, x0, caller)  # validate before any work
 
-    form = local.local_search_form(problem)
+    form = local_search_form(problem)
     if form is None:
         res = ga(problem, x0=x0, rng=gen)
         info = {**res.info, "form": "ga", "rounds": 1, "starts": ["ga"]}
         return dataclasses.replace(res, info=info, time=time.perf_counter() - start)
 
-    insts = local._instances(problem, caller)
-    local.warm_up()  # compile outside the budget
-    t0 = time.perf_counter()
-    deadline = t0 + T
+    runner = LocalSearch(problem, caller)
+    warm_up()  # compile outside the budget
+    deadline = deadline_in(T)
     R = _rounds(T)
     nmax = max(int(problem.n2.max()), 1) if problem.batch else 1
-    best_perm: list[np.ndarray | None] = [None] * problem.batch
-    best_cost = [math.inf] * problem.batch
-    best_local = [False] * problem.batch
+    best: list[Any] = [None] * problem.batch  # the best tabu run per instance so far
     starts: list[str] = []
     n_iter = 0
     for rnd in range(R):
-        now = time.perf_counter()
-        if now >= deadline and rnd > 0:
+        if rnd > 0 and time.perf_counter() >= deadline:
             break
-        round_end = now + (deadline - now) / (R - rnd)
-        steps = _ipfp_steps(nmax, problem.batch, _IPFP_SHARE * (round_end - now))
-        if rnd == 0 and x0 is not None:
-            perms = local._start_perms(problem, x0, gen, caller)
-            starts.append("x0")
-        elif steps >= 3:
-            init = None if rnd == 0 else random_soft(problem, gen)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # a start, not an answer
-                res = ipfp(problem, x0=init, max_iter=steps, tol=1e-3)
-            H = backend.to_numpy(res.X)
-            perms = local.perms_from_hard(problem, H if problem.batched else H[None])
-            starts.append("ipfp" if rnd == 0 else "ipfp-random")
-        else:
-            perms = local._start_perms(problem, None, gen, caller)
-            starts.append("random")
-        for k, inst in enumerate(insts):
-            left = round_end - time.perf_counter()
-            inst_deadline = time.perf_counter() + max(left, 0.0) / (len(insts) - k)
-            st = local._run_tabu(inst, perms[k], None, inst_deadline, None, None, gen)
-            n_iter += st.n_iter
-            if st.best < best_cost[k]:
-                best_cost[k], best_perm[k], best_local[k] = st.best, st.best_p, st.best_is_local
-    perms_out = [
-        p if p is not None else np.arange(int(problem.n2[k])) for k, p in enumerate(best_perm)
-    ]
-    X = local._perms_to_X(problem, perms_out)
+        round_end = share_deadline(deadline, rnd, R)
+        steps = _ipfp_steps(nmax, problem.batch, _IPFP_SHARE * (round_end - time.perf_counter()))
+        perms, kind = _round_start(runner, rnd, steps, x0, gen)
+        starts.append(kind)
+        for k, run in enumerate(runner.tabu(perms, max_iter=None, deadline=round_end, gen=gen)):
+            n_iter += run.n_iter
+            if best[k] is None or run.best < best[k].best:
+                best[k] = run
     return make_result(
         problem,
-        X,
+        runner.to_X([run.best_p for run in best]),
         soft=None,
         n_iter=n_iter,
-        converged=all(best_local),
+        converged=all(run.best_is_local for run in best),
         start=start,
         info={"form": form, "rounds": len(starts), "starts": starts},
     )
+
+
+def _round_start(
+    runner: LocalSearch, rnd: int, steps: int, x0: Any, gen: np.random.Generator
+) -> tuple[list[np.ndarray], str]:
+    """Start permutations of round `rnd` and their kind (``info["starts"]``).
+
+    Round 0 always has a continuous start (`x0`, or at least one IPFP step from the uniform
+    matrix, rounded), however short the budget: tabu search only improves on its start, so
+    the result is never worse than it. Later rounds use IPFP from a random soft start when
+    `steps` >= ``_IPFP_MIN_STEPS`` fit in their share, else a random permutation.
+    """
+    problem = runner.problem
+    if rnd == 0 and x0 is not None:
+        return runner.start_perms(x0, gen), "x0"
+    if rnd > 0 and steps < _IPFP_MIN_STEPS:
+        return runner.start_perms(None, gen), "random"
+    init = None if rnd == 0 else random_soft(problem, gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a start, not an answer
+        res = ipfp(problem, x0=init, max_iter=max(steps, 1), tol=1e-3)
+    H = backend.to_numpy(res.X)
+    kind = "ipfp" if rnd == 0 else "ipfp-random"
+    return runner.perms_from_hard(H if problem.batched else H[None]), kind

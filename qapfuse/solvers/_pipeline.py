@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import warnings
@@ -14,13 +15,15 @@ from .. import backend
 from .._validation import Option, check_options
 from ..errors import ConvergenceWarning
 from ..problem import Problem
-from ._common import check_problem, initial_soft, random_soft
+from ._common import check_problem, hard_score, initial_soft, random_soft
 from ._local_runner import LocalSearch, deadline_in, local_search_form, share_deadline, warm_up
 from .ga import ga
 from .ipfp import ipfp
 from .result import MatchResult, make_result
 
 __all__ = ["OPTIONS", "auto"]
+
+_log = logging.getLogger(__name__)
 
 OPTIONS: dict[str, Option] = {
     "time_limit": Option("float", low=0, low_inclusive=False, allow_none=True),
@@ -159,6 +162,18 @@ def auto(
             n_iter += run.n_iter
             if best[k] is None or run.best < best[k].best:
                 best[k] = run
+        if _log.isEnabledFor(logging.INFO):  # progress for `qapfuse -v solve` (one rescoring)
+            X = runner.to_X([run.best_p for run in best])
+            obj = np.atleast_1d(problem.objective_from_score(hard_score(problem, X)))
+            _log.info(
+                "auto: round %d/%d (%s start) done at %.2f of %.2f s: best objective %s",
+                rnd + 1,
+                R,
+                kind,
+                time.perf_counter() - start,
+                T,
+                ", ".join(f"{v:.10g}" for v in obj),
+            )
     return make_result(
         problem,
         runner.to_X([run.best_p for run in best]),

@@ -172,3 +172,18 @@ def test_auto_checks_the_time_limit_between_rounds(monkeypatch):
         rounds[step] = res.info["rounds"]
     assert rounds[0.01] == 3  # a 3 s budget has three rounds ...
     assert rounds[0.4] < 3  # ... and stops after the round that used it up
+
+
+def test_auto_logs_one_progress_line_per_round(caplog):
+    import logging
+
+    from qapfuse import Problem, solve
+    from qapfuse.io import qaplib
+
+    problem = Problem.from_qaplib(qaplib.example_path("nug12"))
+    with caplog.at_level(logging.INFO, logger="qapfuse"):
+        res = solve(problem, "auto", time_limit=0.3, rng=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto: round")]
+    assert len(lines) == res.info["rounds"] >= 1
+    # the last line reports the returned objective
+    assert lines[-1].endswith(f"best objective {res.objective:.10g}")

@@ -154,3 +154,27 @@ def test_models_of_other_widths_classes_or_with_nan_are_refused():
         fuse([a, bad])
     with pytest.raises(TypeError, match="'models' parameter of fuse"):
         fuse(a)
+
+
+@pytest.mark.parametrize("method", ["weight", "gamf", "activation", "merge_many", "c2m3"])
+def test_fuse_through_align_returns_the_original_function(method):
+    model, _ = make("lenet")
+    spec = traced("lenet")
+    other, _ = permuted_copy(model, spec, seed=6)
+    x = torch.randn(64, *CASES["lenet"][1], generator=torch.Generator().manual_seed(0))
+    fused = fuse([model, other], method=method, data=x, rng=0)
+    assert type(fused) is type(model)
+    torch.testing.assert_close(outputs(fused, x), outputs(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_align_once_then_sweep_alpha():
+    from qapfuse.fusion import align
+
+    a, x = make("mlp", seed=0)
+    b, _ = make("mlp", seed=1)
+    res = align([a, b], method="weight", spec=traced("mlp"), rng=0)
+    ends = [fuse_aligned([a, b], res, alpha=t) for t in (0.0, 1.0)]
+    torch.testing.assert_close(outputs(ends[0], x), outputs(a, x))
+    torch.testing.assert_close(outputs(ends[1], x), outputs(b, x), atol=1e-5, rtol=1e-5)
+    mid = fuse_aligned([a, b], res, alpha=0.5)
+    assert (outputs(mid, x) - outputs(a, x)).abs().max() > 1e-4

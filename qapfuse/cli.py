@@ -733,6 +733,8 @@ def _run_fusion(args: argparse.Namespace) -> int:
     print()
     if "plot" in files:
         print(f"interpolation plot: {files['plot']}")
+    else:
+        print("interpolation plot: not drawn (needs matplotlib: pip install 'qapfuse[bench]')")
     print(f"report written to {out}/: {', '.join(p.name for p in files.values())}", flush=True)
     return 0
 

@@ -164,20 +164,26 @@ def load_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
 
 
 def _first_difference(
-    sd: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]
-) -> tuple[str, str] | None:
-    """``("key", reason)`` for the first key that differs, or ``("shape", reason)``; None if
-    keys and shapes agree. Keys are compared in the reference's order."""
+    sd: Mapping[str, torch.Tensor], name: str, ref: Mapping[str, torch.Tensor], ref_name: str
+) -> str | None:
+    """Why `sd` does not fit `ref`, naming the first differing key (another architecture) or
+    shape (another width); None if keys and shapes agree. Keys go in `ref`'s order."""
     for key in ref:
         if key not in sd:
-            return "key", f"it lacks the key {key!r}"
+            return (
+                f"{name} belongs to another architecture than {ref_name}: it lacks the key {key!r}"
+            )
     for key in sd:
         if key not in ref:
-            return "key", f"it has the key {key!r}, which the other lacks"
+            return (
+                f"{name} belongs to another architecture than {ref_name}: it has the key {key!r}, "
+                f"which {ref_name} lacks"
+            )
     for key, t in ref.items():
         if tuple(sd[key].shape) != tuple(t.shape):
-            return "shape", (
-                f"{key!r} has shape {tuple(sd[key].shape)} where the other has {tuple(t.shape)}"
+            return (
+                f"{name} belongs to another width than {ref_name}: {key!r} has shape "
+                f"{tuple(sd[key].shape)} in {name} but {tuple(t.shape)} in {ref_name}"
             )
     return None
 
@@ -191,7 +197,7 @@ def check_compatible(
 ) -> None:
     """Check that checkpoints fit each other and `model`: same keys, same shapes.
 
-    Checkpoints are first compared with the first one (different widths between them are
+    Every checkpoint is compared with the first one (so checkpoints of different widths are
     named as such), then the first with `model`.
 
     Parameters
@@ -210,29 +216,30 @@ def check_compatible(
     CheckpointError
         Naming the checkpoint and the first differing key (another architecture) or the first
         differing shape (another width).
+
+    Examples
+    --------
+    >>> from qapfuse.fusion.models import MLP
+    >>> a, b = MLP(4, (3,), 2), MLP(4, (5,), 2)
+    >>> try:
+    ...     check_compatible([a.state_dict(), b.state_dict()], a, names=["a", "b"])
+    ... except CheckpointError as exc:
+    ...     print(exc)
+    b belongs to another width than a: 'layers.0.weight' has shape (5, 4) in b but (3, 4) in a.
     """
-    names = (
-        list(names) if names is not None else [f"checkpoint {k}" for k in range(len(state_dicts))]
-    )
+    if names is None:
+        names = [f"checkpoint {k}" for k in range(len(state_dicts))]
     model_name = model_name or type(model).__name__
-    for k in range(1, len(state_dicts)):
-        diff = _first_difference(state_dicts[k], state_dicts[0])
-        if diff is None:
-            continue
-        kind, reason = diff
-        what = "another architecture" if kind == "key" else "another width"
-        raise CheckpointError(
-            f"{names[k]} and {names[0]} are of {what}: compared with {names[0]}, {reason}."
-        )
     if not state_dicts:
         return
-    diff = _first_difference(state_dicts[0], model.state_dict())
-    if diff is not None:
-        kind, reason = diff
-        what = "another architecture" if kind == "key" else "another width"
-        raise CheckpointError(
-            f"{names[0]} belongs to {what} than {model_name}: compared with {model_name}, {reason}."
-        )
+    reasons = (
+        *(_first_difference(sd, names[k], state_dicts[0], names[0])
+          for k, sd in enumerate(state_dicts) if k > 0),
+        _first_difference(state_dicts[0], names[0], model.state_dict(), model_name),
+    )  # fmt: skip
+    for reason in reasons:
+        if reason is not None:
+            raise CheckpointError(reason + ".")
 
 
 def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -499,7 +499,7 @@ def write_report(
 
 
 def _draw_curves(plt: Any, result: EnsembleResult, title: str | None) -> None:
-    _, ax = plt.subplots(figsize=(6.0, 4.0))
+    _, ax = plt.subplots(figsize=(6.4, 4.6))
     for method, accs in result.curves.items():
         style = ":" if method == "none" else "-"
         ax.plot(result.alphas, [100 * a for a in accs], style, marker="o", ms=3, label=method)
@@ -509,7 +509,7 @@ def _draw_curves(plt: Any, result: EnsembleResult, title: str | None) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "Interpolating two aligned models")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best", ncol=2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=4, frameon=False)
 
 
 def _json_safe(value: Any) -> Any:

@@ -47,6 +47,7 @@ DEFAULT_TIME_LIMIT = 2.0
 DEMO_FOLDER = "qapfuse-demo"
 ENSEMBLE_FOLDER = "qapfuse-ensemble"
 DEMO_EPOCHS = 30
+DEFAULT_NUM_MODELS = 4
 REFINERS = ("two_opt", "tabu")
 EXIT_USAGE = 2
 # Library parameter -> the flag a user typed, for error messages.
@@ -271,9 +272,7 @@ def _add_ensemble_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
         help="folder of the dataset's files (MNIST/Fashion-MNIST: the IDX files; CIFAR-10: "
         "the python batches)",
     )
-    ens.add_argument(
-        "--num-models", type=int, default=4, metavar="N", help="models to train (default 4)"
-    )
+    ens.add_argument("--num-models", type=int, metavar="N", help="models to train (default 4)")
     ens.add_argument(
         "--split",
         default="same",
@@ -680,7 +679,12 @@ def _run_fusion(args: argparse.Namespace) -> int:
             args.epochs, args.finetune_epochs, alphas = 10, 0, (0.0, 0.5, 1.0)
     else:
         _check_name(args.model, "model", list(ensemble.ZOO))
-        _check_count(args.num_models, "--num-models", 2)
+        if args.checkpoints and args.num_models is not None:
+            raise CliError("give --num-models (models to train) or --checkpoints, not both")
+        if not args.checkpoints:
+            if args.num_models is None:
+                args.num_models = DEFAULT_NUM_MODELS
+            _check_count(args.num_models, "--num-models", 2)
         _check_count(args.batch_size, "--batch-size", 1)
         if not (args.lr > 0 and math.isfinite(args.lr)):
             raise CliError(f"--lr must be a positive number; got {args.lr}")

@@ -140,6 +140,8 @@ def _bad_checkpoint(folder, kind: str):
         (["--dataset", "mnist", "--data-root", "{tmp}"], r"lacks train-images-idx3-ubyte"),
         (["--finetune-epochs", "-1"], r"--finetune-epochs must be an integer >= 0; got -1"),
         (["--num-models", "1"], r"--num-models must be an integer >= 2"),
+        (["--num-models", "3", "--checkpoints", "{a}", "{b}"], r"--num-models .* not both"),
+        (["--checkpoints", "{a}"], r"--checkpoints needs at least 2 files"),
         (["--methods", "gamf", "bogus"], r"unknown method in --methods 'bogus'"),
         (
             ["--model", "mlp", "--checkpoints", "{a}", "{cnn}"],

@@ -30,7 +30,7 @@ from torch import nn
 
 from .._validation import check_choice, check_scalar
 from .align import METHODS, align
-from .data import ImageData
+from .data import ImageData, as_tensors
 from .fuse import fuse_aligned
 from .models import MLP, VGG, LeNet, SmallCNN
 from .training import evaluate, predict_ensemble, seeded, train
@@ -183,7 +183,7 @@ def train_models(
     """
     models = []
     for k, part in enumerate(parts):
-        x, y = part.tensors if hasattr(part, "tensors") else part
+        x, y = as_tensors(part, f"parts[{k}]", "train_models")
         log.info("training model %d/%d (%s, %d images)", k + 1, len(parts), name, len(y))
         model = build_model(name, data.input_shape, data.num_classes, seed=seed + k)
         train(model, (model_inputs(name, x), y), epochs=epochs, lr=lr, batch_size=batch_size,
@@ -315,7 +315,7 @@ def compact_ensemble(
     methods = _check_methods(methods)
     check_scalar(finetune_epochs, "finetune_epochs", "compact_ensemble", integer=True, low=0,
                  low_inclusive=True)  # fmt: skip
-    alphas = _check_alphas(alphas) if alphas else []
+    alphas = [] if alphas is None or len(alphas) == 0 else _check_alphas(alphas)
     needs_train = [
         why
         for why, needed in (
@@ -330,9 +330,9 @@ def compact_ensemble(
     options = dict(align_options or {})
     sample = None
     if train_data is not None:
-        x_train, y_train = train_data.tensors if hasattr(train_data, "tensors") else train_data
+        x_train, y_train = as_tensors(train_data, "train_data", "compact_ensemble")
         sample = x_train[:ALIGN_SAMPLES]
-    x_test, y_test = test.tensors if hasattr(test, "tensors") else test
+    x_test, y_test = as_tensors(test, "test", "compact_ensemble")
 
     rows: list[dict[str, Any]] = []
     for k, model in enumerate(models):

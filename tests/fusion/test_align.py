@@ -148,3 +148,20 @@ def test_errors_name_the_argument():
         align([model, sd], spec=spec)
     with pytest.raises(TypeError, match="'models' parameter of align"):
         align(model, spec=spec)
+
+
+def test_gaussian_on_large_conv_edges_refuses_with_the_budget():
+    model, _ = make("lenet")
+    with pytest.raises(
+        ValueError, match=r"'conv1.weight'.*needs 16 kernel values.*max_kernel_evals=10"
+    ):
+        align([model, model], spec=traced("lenet"), kernel="gaussian", max_kernel_evals=10)
+
+
+def test_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys):
+    model, _ = make("mlp")
+    two = [model, copy.deepcopy(model)]
+    align(two, spec=traced("mlp"), progress=True, **FAST)
+    assert "align gamf" in capsys.readouterr().err
+    align(two, spec=traced("mlp"), progress=False, **FAST)
+    assert capsys.readouterr().err == ""

@@ -185,6 +185,7 @@ class NetworkQAP(BlockQAP):
         self._edge_pairs: list[dict[tuple[int, int], Any]] = []
         self._node_aff: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         self._cache: dict[tuple[int, str, int, int], torch.Tensor] = {}
+        self._self_loops = {o for o, i, _, _ in data.edges if o == i}
         if kernel == "node":
             return
         for o, i, key, F in data.edges:
@@ -222,6 +223,12 @@ class NetworkQAP(BlockQAP):
             )
         self.info["terms"][key] = "exact"
         return {(p, q): ExactGaussianPair(F[p], F[q], s) for p, q, _ in self.pairs}
+
+    def is_linear(self, b: int) -> bool:
+        """True unless the block's group feeds itself (an edge set with ``out == in``) or the
+        kernel is ``"node"`` (whose similarities depend on every neighbour)."""
+        g = self.blocks[b][1]
+        return self.kernel != "node" and g not in self._self_loops
 
     # -- blocks and matchings ---------------------------------------------------------------
     def _U(self, X: Sequence[np.ndarray], k: int, g: str) -> torch.Tensor | None:

@@ -165,3 +165,13 @@ def test_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys):
     assert "align gamf" in capsys.readouterr().err
     align(two, spec=traced("mlp"), progress=False, **FAST)
     assert capsys.readouterr().err == ""
+
+
+def test_activation_method_dispatches_to_activation_matching():
+    model, _ = make("mlp")
+    spec = traced("mlp")
+    shuffled = copy.deepcopy(model)
+    shuffled.load_state_dict(permute(model, spec, random_permutations(spec, rng=2)))
+    res = align([model, shuffled], method="activation", spec=spec, data=torch.randn(64, 20))
+    assert res.method == "activation"
+    assert _same(*_common([model.state_dict(), shuffled], spec, res))

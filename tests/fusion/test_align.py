@@ -175,3 +175,13 @@ def test_activation_method_dispatches_to_activation_matching():
     res = align([model, shuffled], method="activation", spec=spec, data=torch.randn(64, 20))
     assert res.method == "activation"
     assert _same(*_common([model.state_dict(), shuffled], spec, res))
+
+
+def test_float32_products_give_the_same_alignment():
+    model, _ = make("lenet")
+    spec = traced("lenet")
+    shuffled = permute(model, spec, random_permutations(spec, rng=8))
+    r64 = align([model, shuffled], spec=spec, rng=0, **FAST)
+    r32 = align([model, shuffled], spec=spec, rng=0, precision="float32", **FAST)
+    assert all(np.array_equal(r64.perms[1][g], r32.perms[1][g]) for g in r64.perms[1])
+    assert r32.objective == pytest.approx(r64.objective, rel=1e-5)

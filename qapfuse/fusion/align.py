@@ -33,6 +33,7 @@ _KERNEL_OPTIONS = {
     "expansion_tol": Option("float", low=0, low_inclusive=False),
     "max_terms": Option("int", low=1),
     "max_kernel_evals": Option("float", low=0, low_inclusive=False),
+    "precision": Option("choice", choices=("float64", "float32")),
 }
 _METHOD_OPTIONS: dict[str, dict[str, Option]] = {
     "gamf": {**ANNEAL_OPTIONS},
@@ -155,7 +156,8 @@ def align(
         ``max_sweeps``, ``time_limit``; ``merge_many``: ``max_rounds``, ``max_sweeps``;
         ``c2m3``: ``max_iter``, ``tol``, ``max_sweeps``, ``time_limit``) and kernel options
         (``sigma``, ``expansion_tol`` (default 1e-6), ``max_terms`` (200),
-        ``max_kernel_evals`` (5e8)).
+        ``max_kernel_evals`` (5e8), ``precision``: ``"float64"`` (default) or ``"float32"``,
+        the arithmetic of the kernel products, about twice as fast on large networks).
 
     Returns
     -------
@@ -209,7 +211,8 @@ def align(
         valid = {**_METHOD_OPTIONS[method], **_KERNEL_OPTIONS}
         opts = check_options(options, valid, caller)
         kern_opts = {k: opts.pop(k) for k in list(opts) if k in _KERNEL_OPTIONS}
-    nets = net_data([to_graph(sd, spec) for sd in sds])
+    precision = kern_opts.pop("precision", "float64")
+    nets = net_data([to_graph(sd, spec) for sd in sds], getattr(torch, precision))
     n_params = sum(int(t.numel()) for t in sds[0].values())
     show = n_params > _LONG if progress is None else bool(progress)
     gen = backend.rng_from(rng, caller=caller)
@@ -227,12 +230,7 @@ def align(
             res = solve_blocks(op, rng=gen, progress=bar.stage, **opts)
         perms = op.perms_from_blocks(res.X)
         n_iter = res.n_iter
-        info.update(
-            history=res.info["history"],
-            rounded_score=res.info["rounded_score"],
-            sweeps=res.info["sweeps"],
-            converged=res.converged,
-        )
+        info.update(converged=res.converged, **res.info)
     elif method == "c2m3":
         inner = op if kernel == "inner" else operator(nets, "inner", w)
         res = frank_wolfe(inner, rng=gen, **opts)

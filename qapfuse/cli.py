@@ -105,7 +105,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_verbosity(verbose, "sub_")  # after the subcommand; added to the global count
     parser = _Parser(
         prog="qapfuse",
-        description="Quadratic assignment and graph matching solvers (qapfuse).",
+        description=(
+            "Quadratic assignment and graph matching solvers, and neural-network fusion "
+            "(qapfuse). New here? Run 'qapfuse demo'."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"qapfuse {_version()}")
     _add_verbosity(parser, "")

@@ -95,6 +95,17 @@ def test_demo_quick_prints_the_table_and_writes_what_it_says(tmp_path, capsys):
     assert set(_table_rows(out)) == {"model 0", "model 1", "ensemble (2 models)", "fused: none"}
 
 
+def test_demo_without_out_makes_a_new_folder_in_the_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick", "--methods", "none", "-q"]) == 0
+    out = capsys.readouterr().out
+    (folder,) = tmp_path.glob("qapfuse-demo-*")
+    assert f"report written to {folder.name}/" in out
+    assert (folder / "demo.csv").is_file() and (folder / "demo-interpolation.png").is_file()
+
+
 def test_ensemble_on_saved_checkpoints(tmp_path, capsys, digits, checkpoints):
     models, paths = checkpoints
     out_dir = tmp_path / "ens"

@@ -85,5 +85,5 @@ def test_bad_start_is_refused():
         solve_blocks(op, x0=[np.eye(3), np.eye(3)])
     with pytest.raises(ValueError, match=r"'tau_min' parameter of solve_blocks must be <= tau0"):
         solve_blocks(op, tau0=0.1, tau_min=0.2)
-    with pytest.raises(TypeError, match="unknown option"):
-        coordinate_lap(op, restarts=1, **{"sweeps": 3})
+    with pytest.raises(ValueError, match=r"'restarts' parameter of coordinate_lap must be an int"):
+        coordinate_lap(op, restarts=0)

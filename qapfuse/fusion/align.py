@@ -142,8 +142,9 @@ def align(
         Input for :func:`~qapfuse.fusion.trace` when `spec` is not given.
     spec : PermutationSpec, optional
     weights : sequence of float, optional
-        Model weights (>= 0, not all 0): pair ``(p, q)`` counts ``w_p w_q`` in the objective,
-        and MergeMany's means are weighted. Default: uniform.
+        Model weights (>= 0, not all 0), rescaled to mean 1: pair ``(p, q)`` counts
+        ``w_p w_q`` in the objective, and MergeMany's means are weighted. Default: uniform
+        (every pair counts once).
     rng : None, int or numpy.random.Generator
         Start noise and block orders; same seed, same answer.
     data : optional
@@ -383,7 +384,7 @@ def _state_dicts(models: Any, caller: str) -> list[Mapping[str, torch.Tensor]]:
 
 def _weights(weights: Any, N: int, caller: str) -> np.ndarray:
     if weights is None:
-        return np.full(N, 1.0 / N)
+        return np.ones(N)
     try:
         w = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError):
@@ -401,7 +402,7 @@ def _weights(weights: Any, N: int, caller: str) -> np.ndarray:
             f"The 'weights' parameter of {caller} must be finite, >= 0 and not all 0. "
             f"Got {w.tolist()} instead."
         )
-    return w / w.sum()
+    return w / w.mean()  # uniform weights: all 1, the unweighted objective
 
 
 def _spec(models, sds, spec, example_input, caller) -> PermutationSpec:

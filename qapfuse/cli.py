@@ -7,12 +7,19 @@ Subcommands:
   it); ``--json`` prints one JSON object instead.
 * ``qapfuse bench SUITE [args...]`` -- run a benchmark suite (``qapfuse.bench``); the report
   goes to a new folder (or ``--out``), never over an existing one without ``--force``.
+* ``qapfuse demo`` -- the library's reason to exist in under a minute, on data shipped with it:
+  two small models trained on a label-skewed split of the embedded digits, fused with every
+  alignment method; prints the table and writes CSV, JSON and the interpolation plot (PNG).
+* ``qapfuse ensemble`` -- the same comparison for N models of the zoo (trained here on digits,
+  MNIST, Fashion-MNIST or CIFAR-10 files) or for checkpoints (``--checkpoints``), with
+  fine-tuning (:mod:`qapfuse.fusion.ensemble`).
 
 Errors (missing or malformed files, bad options) print one line ``qapfuse: error: ...`` on
 stderr and exit with status 2; a library error about a parameter names the command-line flag
 (``--seed``, not ``rng``). Progress goes to stderr through :mod:`logging`: ``bench`` reports one
-line per measured row by default, ``solve`` its steps with ``-v``; ``-vv`` adds debug detail and
-``-q`` leaves errors only. ``-v`` and ``-q`` may stand before or after the subcommand.
+line per measured row by default, ``demo`` and ``ensemble`` their steps and tqdm bars (training,
+alignment), ``solve`` its steps with ``-v``; ``-vv`` adds debug detail and ``-q`` leaves errors
+only. ``-v`` and ``-q`` may stand before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ log = logging.getLogger("qapfuse.cli")
 
 DEFAULT_METHOD = "auto"
 DEFAULT_TIME_LIMIT = 2.0
+DEMO_FOLDER = "qapfuse-demo"
+ENSEMBLE_FOLDER = "qapfuse-ensemble"
+DEMO_EPOCHS = 30
+DEFAULT_NUM_MODELS = 4
 REFINERS = ("two_opt", "tabu")
 EXIT_USAGE = 2
 # Library parameter -> the flag a user typed, for error messages.
@@ -94,7 +105,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_verbosity(verbose, "sub_")  # after the subcommand; added to the global count
     parser = _Parser(
         prog="qapfuse",
-        description="Quadratic assignment and graph matching solvers (qapfuse).",
+        description=(
+            "Quadratic assignment and graph matching solvers, and neural-network fusion "
+            "(qapfuse). New here? Run 'qapfuse demo'."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"qapfuse {_version()}")
     _add_verbosity(parser, "")
@@ -167,7 +181,131 @@ def _build_parser() -> argparse.ArgumentParser:
         "suite", metavar="SUITE", help="benchmark suite: gm, qaplib, mgm or affinity"
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite")
+    _add_demo_parser(sub, verbose)
+    _add_ensemble_parser(sub, verbose)
     return parser
+
+
+def _add_report_options(parser: argparse.ArgumentParser, default_folder: str) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=f"report folder (default: a new folder ./{default_folder}-YYYYMMDD-HHMMSS)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing report")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help="alignment methods to compare (default: all; space- or comma-separated)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's; the demo uses 1, fastest for its tiny models)",
+    )
+
+
+def _add_demo_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    demo = sub.add_parser(
+        "demo",
+        parents=[verbose],
+        help="fuse two models trained on the embedded digits (under a minute)",
+        description=(
+            "Train two small MLPs (64-64-64-10) on a label-skewed split of the 8x8 digits "
+            "shipped with scikit-learn (model 0 sees mostly digits 0-4, model 1 mostly 5-9), "
+            "fuse them with every alignment method, fine-tune each fused model for one epoch, "
+            "and print the table: each model, their prediction ensemble, every fused model. The "
+            "table (CSV), everything (JSON) and the interpolation curve (PNG: accuracy of "
+            "(1 - alpha) A + alpha B, aligned by each method) go to a new folder."
+        ),
+    )
+    _add_report_options(demo, DEMO_FOLDER)
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        default=DEMO_EPOCHS,
+        help=f"training epochs of each model (default {DEMO_EPOCHS})",
+    )
+    demo.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=1,
+        metavar="F",
+        help="fine-tuning epochs of each fused model (default 1; 0: one-shot only)",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds: 10 epochs, no fine-tuning, a 3-point curve (for tests)",
+    )
+
+
+def _add_ensemble_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    ens = sub.add_parser(
+        "ensemble",
+        parents=[verbose],
+        help="fuse N models (trained here or from checkpoints) and compare with the ensemble",
+        description=(
+            "Train --num-models models of the zoo (or load --checkpoints: state dicts saved "
+            "with torch.save or safetensors, never unpickled code), fuse them with every "
+            "alignment method, evaluate one-shot and after --finetune-epochs, and print the "
+            "table: each model, the prediction ensemble, every fused model. CSV, JSON and the "
+            "interpolation curve of models 0 and 1 (PNG) go to a new folder."
+        ),
+    )
+    ens.add_argument(
+        "--model",
+        default="cnn",
+        metavar="NAME",
+        help="zoo model: mlp, cnn, lenet or vgg11-bn (default cnn)",
+    )
+    ens.add_argument(
+        "--dataset",
+        default="digits",
+        metavar="NAME",
+        help="digits (embedded), mnist, fashion-mnist or cifar10 (default digits)",
+    )
+    ens.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="folder of the dataset's files (MNIST/Fashion-MNIST: the IDX files; CIFAR-10: "
+        "the python batches)",
+    )
+    ens.add_argument("--num-models", type=int, metavar="N", help="models to train (default 4)")
+    ens.add_argument(
+        "--split",
+        default="same",
+        metavar="SPLIT",
+        help="how the training set is dealt out: same, iid, label-skew or dirichlet(ALPHA) "
+        "(default same)",
+    )
+    ens.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    ens.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=1,
+        metavar="F",
+        help="fine-tuning epochs of each fused model (default 1; 0: one-shot only)",
+    )
+    ens.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    ens.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    ens.add_argument(
+        "--repair",
+        metavar="{reset_bn,repair}",
+        help="re-estimate activation statistics after averaging (on 512 training images)",
+    )
+    ens.add_argument(
+        "--checkpoints",
+        nargs="+",
+        metavar="FILE",
+        help="state dicts of --model (.pt/.pth via torch.load(weights_only=True), or "
+        ".safetensors) instead of training",
+    )
+    _add_report_options(ens, ENSEMBLE_FOLDER)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +552,207 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# demo and ensemble
+# ----------------------------------------------------------------------------------------------
+
+
+def _methods(raw: Sequence[str] | None) -> list[str] | None:
+    """``--methods a b`` or ``--methods a,b``, each checked against the alignment methods."""
+    from .fusion.align import METHODS
+
+    if raw is None:
+        return None
+    names = [m for token in raw for m in token.split(",") if m]
+    if not names:
+        raise CliError("--methods needs at least one method")
+    return [_check_name(m, "method in --methods", METHODS) for m in names]
+
+
+def _check_count(value: int | None, flag: str, low: int) -> None:
+    if value is not None and value < low:
+        raise CliError(f"{flag} must be an integer >= {low}; got {value}")
+
+
+def _report_folder(args: argparse.Namespace, default_folder: str) -> Path:
+    """The report folder; refuses (before any work) one that holds a report, unless --force."""
+    import datetime as dt
+
+    from .fusion.ensemble import report_files
+
+    out: Path = args.out
+    if out is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(f"{default_folder}-{stamp}")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {str(out)!r} is not a folder")
+    existing = [str(p) for p in report_files(out, args.command).values() if p.exists()]
+    if existing and not args.force:
+        raise CliError(
+            f"report files exist already: {', '.join(existing)}; pass --force to overwrite "
+            "them, or choose another folder with --out"
+        )
+    return out
+
+
+class _TorchThreads:
+    """Set torch's CPU thread count inside a ``with`` block (None: leave it)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.old = n, None
+
+    def __enter__(self) -> None:
+        import torch
+
+        if self.n is not None:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.old is not None:
+            torch.set_num_threads(self.old)
+
+
+def _load_data(args: argparse.Namespace) -> Any:
+    from .fusion.data import DATASETS, IDX_FILES, load_dataset
+
+    name = _check_name(args.dataset, "dataset", DATASETS)
+    if name != "digits" and args.data_root is None:
+        files = (
+            "the python batches data_batch_1 .. data_batch_5 and test_batch"
+            if name == "cifar10"
+            else ", ".join(IDX_FILES.values()) + " (or .gz)"
+        )
+        raise CliError(f"--dataset {name} is read from files: give --data-root DIR, the folder "
+                       f"that holds {files}")  # fmt: skip
+    if name == "digits" and args.data_root is not None:
+        raise CliError("--data-root is not used by --dataset digits (embedded in scikit-learn)")
+    try:
+        return load_dataset(name, args.data_root, seed=args.seed)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--data-root: {exc}") from None
+
+
+def _load_checkpoints(args: argparse.Namespace, data: Any) -> list[Any]:
+    from .fusion.checkpoints import CheckpointError, check_compatible, load_into, load_state_dict
+    from .fusion.ensemble import build_model
+
+    if len(args.checkpoints) < 2:
+        raise CliError(f"--checkpoints needs at least 2 files; got {len(args.checkpoints)}")
+    try:
+        state_dicts = [load_state_dict(p) for p in args.checkpoints]
+        reference = build_model(args.model, data.input_shape, data.num_classes)
+        check_compatible(state_dicts, reference, names=args.checkpoints,
+                         model_name=f"--model {args.model} on {data.name}")  # fmt: skip
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:  # e.g. lenet on 8x8 images
+        raise CliError(f"--model {args.model}: {exc}") from None
+    models = []
+    for sd in state_dicts:
+        model = build_model(args.model, data.input_shape, data.num_classes)
+        models.append(load_into(model, sd))
+    return models
+
+
+def _run_fusion(args: argparse.Namespace) -> int:
+    """``qapfuse demo`` and ``qapfuse ensemble``: check everything, run, then write."""
+    demo = args.command == "demo"
+    methods = _methods(args.methods)
+    _check_count(args.epochs, "--epochs", 1)
+    _check_count(args.finetune_epochs, "--finetune-epochs", 0)
+    _check_count(args.threads, "--threads", 1)
+    if args.seed < 0:
+        raise CliError(f"--seed must be an integer >= 0; got {args.seed}")
+    try:
+        from .fusion import ensemble
+        from .fusion.data import split_dataset
+    except ModuleNotFoundError as exc:
+        raise CliError(f"{args.command} needs {exc.name}: pip install 'qapfuse[fusion]'") from None
+
+    if demo:
+        args.model, args.dataset, args.data_root = "mlp", "digits", None
+        args.split, args.num_models, args.checkpoints, args.repair = "label-skew", 2, None, None
+        args.lr, args.batch_size = 1e-3, 64
+        if args.threads is None:
+            args.threads = 1
+        alphas = ensemble.DEFAULT_ALPHAS
+        if args.quick:
+            args.epochs, args.finetune_epochs, alphas = 10, 0, (0.0, 0.5, 1.0)
+    else:
+        _check_name(args.model, "model", list(ensemble.ZOO))
+        if args.checkpoints and args.num_models is not None:
+            raise CliError("give --num-models (models to train) or --checkpoints, not both")
+        if not args.checkpoints:
+            if args.num_models is None:
+                args.num_models = DEFAULT_NUM_MODELS
+            _check_count(args.num_models, "--num-models", 2)
+        _check_count(args.batch_size, "--batch-size", 1)
+        if not (args.lr > 0 and math.isfinite(args.lr)):
+            raise CliError(f"--lr must be a positive number; got {args.lr}")
+        if args.repair is not None:
+            _check_name(args.repair, "--repair", ("reset_bn", "repair"))
+        alphas = ensemble.DEFAULT_ALPHAS
+    out = _report_folder(args, DEMO_FOLDER if demo else ENSEMBLE_FOLDER)
+    data = _load_data(args)
+    progress = args.quiet == 0
+
+    with _TorchThreads(args.threads):
+        if args.checkpoints:
+            models = _load_checkpoints(args, data)
+            log.info("loaded %d checkpoints of --model %s", len(models), args.model)
+        else:
+            try:
+                ensemble.build_model(args.model, data.input_shape, data.num_classes)
+                parts = split_dataset(data, args.num_models, args.split, rng=args.seed)
+            except ValueError as exc:
+                flag = "--split" if "split" in str(exc) else f"--model {args.model}"
+                raise CliError(f"{flag}: {exc}") from None
+            models = ensemble.train_models(
+                args.model, data, parts, epochs=args.epochs, lr=args.lr,
+                batch_size=args.batch_size, seed=args.seed, progress=progress,
+            )  # fmt: skip
+        test = (ensemble.model_inputs(args.model, data.x_test), data.y_test)
+        train_data = (ensemble.model_inputs(args.model, data.x_train), data.y_train)
+        try:
+            result = ensemble.compact_ensemble(
+                models, test, train_data=train_data,
+                methods=methods or list(ensemble.METHODS), finetune_epochs=args.finetune_epochs,
+                alphas=alphas, repair=args.repair, lr=args.lr, batch_size=args.batch_size,
+                seed=args.seed, progress=progress,
+            )  # fmt: skip
+        except (ValueError, TypeError) as exc:  # e.g. a model the tracer cannot align
+            raise CliError(str(exc)) from None
+    result.settings.update(
+        command=_command_line(args),
+        model=args.model,
+        dataset=data.name,
+        split=None if args.checkpoints else args.split,
+        epochs=None if args.checkpoints else args.epochs,
+        checkpoints=args.checkpoints,
+    )
+    title = f"{data.name}, {args.model}: {len(models)} models" + (
+        "" if args.checkpoints else f", split {args.split}"
+    )
+    files = ensemble.write_report(result, out, stem=args.command, title=title)
+    print(ensemble.format_table(result))
+    print()
+    if "plot" in files:
+        print(f"interpolation plot: {files['plot']}")
+    else:
+        print("interpolation plot: not drawn (needs matplotlib: pip install 'qapfuse[bench]')")
+    print(f"report written to {out}/: {', '.join(p.name for p in files.values())}", flush=True)
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    import shlex
+
+    return shlex.join(["qapfuse", *args.argv])
+
+
+# ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
 
@@ -461,11 +800,11 @@ def _split_verbosity(tokens: Sequence[str]) -> tuple[list[str], int, int]:
 
 
 def _log_level(command: str, verbose: int, quiet: int) -> int:
-    """``-q``: errors only. ``bench`` shows progress (INFO) by default, ``solve`` from ``-v``;
-    ``-vv`` (``-v`` for bench) adds DEBUG detail."""
+    """``-q``: errors only. ``bench``, ``demo`` and ``ensemble`` show progress (INFO) by
+    default, ``solve`` from ``-v``; ``-vv`` (``-v`` for those) adds DEBUG detail."""
     if quiet > 0:
         return logging.ERROR
-    steps = verbose + (1 if command == "bench" else 0)
+    steps = verbose + (1 if command in ("bench", "demo", "ensemble") else 0)
     return logging.WARNING if steps <= 0 else logging.INFO if steps == 1 else logging.DEBUG
 
 
@@ -499,11 +838,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     if args.command is None:
         print(
-            "qapfuse: error: a command is required: solve or bench (see 'qapfuse --help')",
+            "qapfuse: error: a command is required: demo, ensemble, solve or bench "
+            "(see 'qapfuse --help')",
             file=sys.stderr,
         )
         return EXIT_USAGE
 
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.verbose += args.sub_verbose
     args.quiet += args.sub_quiet
     if args.command == "bench":
@@ -516,6 +857,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _run_bench(args)
+        if args.command in ("demo", "ensemble"):
+            return _run_fusion(args)
         out = _run_solve(args)
         if args.json:
             print(json.dumps(_json_safe(out), allow_nan=False))

@@ -42,7 +42,13 @@ def namespace_of(*arrays: Any, name: str = "input") -> Any:
     try:
         return array_api_compat.array_namespace(*arrays)
     except TypeError as exc:
-        kinds = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in arrays})
+        kinds = sorted(
+            {
+                type(a).__module__.split(".")[0] + "." + type(a).__name__
+                for a in arrays
+                if a is not None
+            }
+        )
         raise TypeError(
             f"`{name}` must be arrays of one library (numpy, torch, ...); got {', '.join(kinds)}."
         ) from exc

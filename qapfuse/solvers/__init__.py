@@ -57,6 +57,7 @@ __all__ = [
 class _Method:
     func: Callable[..., MatchResult]
     options: Mapping[str, Option]  # the keyword-only parameters of func
+    continuous: bool = False  # a continuous solver: warmed up on a tiny problem when timed
 
     @property
     def timed(self) -> bool:
@@ -69,10 +70,10 @@ class _Method:
 
 METHODS: dict[str, _Method] = {
     "auto": _Method(auto, _pipeline.OPTIONS),
-    "ga": _Method(ga, _ga.OPTIONS),
-    "rrwm": _Method(rrwm, options_of(rrwm)),
-    "ipfp": _Method(ipfp, options_of(ipfp)),
-    "sm": _Method(sm, options_of(sm)),
+    "ga": _Method(ga, _ga.OPTIONS, continuous=True),
+    "rrwm": _Method(rrwm, options_of(rrwm), continuous=True),
+    "ipfp": _Method(ipfp, options_of(ipfp), continuous=True),
+    "sm": _Method(sm, options_of(sm), continuous=True),
     "two_opt": _Method(two_opt, _local.OPTIONS_TWO_OPT),
     "tabu": _Method(tabu, _local.OPTIONS_TABU),
 }
@@ -153,8 +154,12 @@ def solve(
         raise TypeError(f"{caller}: pass time_limit to solve itself, not as a method option.")
     opts = check_options(options, spec.options, caller)
     gen = backend.rng_from(rng, caller="solve")
+    # Compile / load the Numba kernels before the clock starts (a first call in a process can
+    # take longer than a short time limit).
     if method in ("auto", *REFINERS) or refine is not None:
-        _local.warm_up()  # compile / load the Numba kernels before the clock starts
+        _local.warm_up()
+    if spec.continuous and time_limit is not None:
+        _warm_up(spec.func, problem)
     start = time.perf_counter()
 
     best = None
@@ -209,6 +214,15 @@ def solve(
         time=time.perf_counter() - start,
         info=info,
     )
+
+
+def _warm_up(func: Callable[..., MatchResult], problem: Problem) -> None:
+    """Run `func` once on a 2 x 2 problem in `problem`'s library, dtype and device."""
+    xp = problem.xp
+    eye = xp.eye(2, dtype=problem.dtype, device=problem.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        func(Problem.koopmans_beckmann(eye, eye))
 
 
 def _better(a: MatchResult, b: MatchResult, problem: Problem) -> MatchResult:

@@ -60,6 +60,20 @@ def ipfp(
         ``soft`` is the last continuous iterate. ``info["stopped"]`` is ``"converged"``,
         ``"max_iter"`` or ``"time_limit"``.
 
+    Examples
+    --------
+    Graph 2 is graph 1 with its nodes permuted; the matching undoes the permutation:
+
+    >>> import numpy as np
+    >>> from qapfuse import Problem, ipfp
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.random((6, 6))
+    >>> A = A + A.T
+    >>> perm = rng.permutation(6)
+    >>> res = ipfp(Problem.koopmans_beckmann(A, A[np.ix_(perm, perm)]))
+    >>> bool((res.permutation == np.argsort(perm)).all()), res.info["stopped"]
+    (True, 'converged')
+
     References
     ----------
     .. [1] M. Leordeanu, M. Hebert, R. Sukthankar, "An integer projected fixed point method

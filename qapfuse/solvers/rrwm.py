@@ -73,6 +73,20 @@ def rrwm(
         ``soft`` is the final walk state (sums to 1 per instance). ``info["stopped"]`` is
         ``"converged"``, ``"max_iter"`` or ``"time_limit"``.
 
+    Examples
+    --------
+    Graph 2 is graph 1 with its nodes permuted; the matching undoes the permutation:
+
+    >>> import numpy as np
+    >>> from qapfuse import Problem, rrwm
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.random((6, 6))
+    >>> A = A + A.T
+    >>> perm = rng.permutation(6)
+    >>> res = rrwm(Problem.koopmans_beckmann(A, A[np.ix_(perm, perm)]))
+    >>> bool((res.permutation == np.argsort(perm)).all()), res.info["stopped"]
+    (True, 'converged')
+
     References
     ----------
     .. [1] M. Cho, J. Lee, K. M. Lee, "Reweighted random walks for graph matching",

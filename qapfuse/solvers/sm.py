@@ -52,6 +52,20 @@ def sm(
         ``soft`` is the eigenvector (unit norm per instance) as an ``(n1, n2)`` matrix.
         ``info["stopped"]`` is ``"converged"``, ``"max_iter"`` or ``"time_limit"``.
 
+    Examples
+    --------
+    Graph 2 is graph 1 with its nodes permuted; the matching undoes the permutation:
+
+    >>> import numpy as np
+    >>> from qapfuse import Problem, sm
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.random((6, 6))
+    >>> A = A + A.T
+    >>> perm = rng.permutation(6)
+    >>> res = sm(Problem.koopmans_beckmann(A, A[np.ix_(perm, perm)]))
+    >>> bool((res.permutation == np.argsort(perm)).all()), res.info["stopped"]
+    (True, 'converged')
+
     References
     ----------
     .. [1] M. Leordeanu, M. Hebert, "A spectral technique for correspondence problems using

@@ -12,7 +12,7 @@ import pytest
 import qapfuse
 from qapfuse import ConvergenceWarning, Problem, solve
 from qapfuse._validation import Option, options_of, validate_options, warn_not_converged
-from qapfuse.backend import rng_from
+from qapfuse.backend import namespace_of, rng_from
 from qapfuse.solvers import METHODS, local, multi, partial, pipeline
 
 # Every public solver and its option table. Functions decorated with validate_options carry
@@ -149,3 +149,11 @@ def test_convergence_warnings_point_past_every_qapfuse_frame():
         warnings.simplefilter("always")
         qapfuse.sm(p, max_iter=1)  # through the validate_options wrapper
     assert [w.filename for w in rec] == [__file__]
+
+
+def test_arguments_left_at_none_are_left_out_of_library_errors():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError) as info:
+        namespace_of(np.eye(2), None, torch.eye(2), name="A, W, L")
+    assert str(info.value).startswith("`A, L` must be arrays of one library")
+    assert "NoneType" not in str(info.value)

@@ -8,7 +8,7 @@ from typing import Any
 from .._validation import Option, validate_options, warn_not_converged
 from ..problem import ConstantAffinity, DenseAffinity, Problem
 from ._common import check_problem, finish, hard_projection, initial_soft, square_mask
-from .lap import sinkhorn_log
+from ._sinkhorn import Sinkhorn
 from .result import MatchResult
 
 __all__ = ["OPTIONS", "rrwm"]
@@ -112,7 +112,7 @@ def rrwm(
     scale = dmax + dmin * 1e-5
     scale = xp.where(scale > 0, scale, xp.ones_like(scale))
 
-    square = square_mask(problem)
+    project = Sinkhorn(mask, square=square_mask(problem), max_iter=sk_iter, tol=0.0)
     v = initial_soft(problem, x0, caller)
     change, it, stopped = float("inf"), 0, "max_iter"
     prev_hard = None
@@ -121,8 +121,7 @@ def rrwm(
         w = w / _l1(w, xp=xp)
         top = xp.max(w, axis=(1, 2), keepdims=True)
         s = beta * w / xp.where(top > 0, top, xp.ones_like(top))
-        log_P, _, _ = sinkhorn_log(s, mask=mask, square=square, max_iter=sk_iter, tol=0.0, xp=xp)
-        w = alpha * xp.exp(log_P) + (1.0 - alpha) * w
+        w = alpha * project(s) + (1.0 - alpha) * w
         w = w / _l1(w, xp=xp)
         change = float(xp.max(xp.sqrt(xp.sum((w - v) ** 2, axis=(1, 2)))))
         v = w

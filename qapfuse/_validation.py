@@ -200,7 +200,8 @@ def validate_options(table: Mapping[str, Option]) -> Callable[[F], F]:
     """
 
     def decorate(func: F) -> F:
-        caller = func.__name__
+        # "Problem.from_dense" for a method; a function defined in a function keeps its name
+        caller = func.__name__ if "<locals>" in func.__qualname__ else func.__qualname__
         params = inspect.signature(func).parameters
         options = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         names = {p.name for p in options}

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import backend
-from ._validation import check_choice, check_finite, check_scalar
+from ._validation import Option, check_choice, check_finite, check_scalar, validate_options
 from .backend import Array
 
 __all__ = [
@@ -490,6 +490,14 @@ def _batched(x: Array, ndim: int, name: str, caller: str) -> tuple[Array, bool]:
 # ----------------------------------------------------------------------------------------------
 
 
+_SENSE = Option("choice", choices=("max", "min"))
+_PADDED_OPTIONS = {
+    "n1max": Option("int", low=0, allow_none=True),
+    "n2max": Option("int", low=0, allow_none=True),
+    "sense": _SENSE,
+}
+
+
 class Problem:
     r"""A batch of Lawler QAPs ``max vec(X)^T K vec(X)`` given by an affinity operator.
 
@@ -639,6 +647,7 @@ class Problem:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
+    @validate_options(_PADDED_OPTIONS)
     def from_dense(
         cls,
         K: Array,
@@ -680,6 +689,7 @@ class Problem:
         return cls(DenseAffinity(K, n1max, n2max), n1, n2, sense=sense, batched=batched)
 
     @classmethod
+    @validate_options(_PADDED_OPTIONS)
     def from_sparse(
         cls,
         K: Any,
@@ -738,6 +748,7 @@ class Problem:
         return cls(SparseAffinity(out, n1max, n2max), n1, n2, sense=sense, batched=batched)
 
     @classmethod
+    @validate_options({"sense": _SENSE})
     def koopmans_beckmann(
         cls,
         A: Array,
@@ -768,7 +779,6 @@ class Problem:
             ``"min"`` for cost minimisation (QAPLIB).
         """
         caller = "Problem.koopmans_beckmann"
-        check_choice(sense, "sense", caller, ("max", "min"))
         xp = backend.namespace_of(A, B, L, name="A, B" if L is None else "A, B, L")
         A, B = xp.asarray(A), xp.asarray(B)
         shapes = f"{tuple(A.shape)} and {tuple(B.shape)}"  # as passed, for the messages
@@ -817,6 +827,7 @@ class Problem:
         return cls(aff, n1, n2, sense=sense, batched=batched)
 
     @classmethod
+    @validate_options({"sln": Option("any", allow_none=True)})
     def from_qaplib(cls, path: str | os.PathLike[str], *, sln: Any = None) -> Problem:
         """Read a QAPLIB ``.dat`` file as a minimisation problem (numpy, float64).
 

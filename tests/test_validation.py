@@ -157,3 +157,16 @@ def test_arguments_left_at_none_are_left_out_of_library_errors():
         namespace_of(np.eye(2), None, torch.eye(2), name="A, W, L")
     assert str(info.value).startswith("`A, L` must be arrays of one library")
     assert "NoneType" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "caller"),
+    [
+        (lambda: Problem.from_dense(np.eye(4), 2, 2, sence="min"), "Problem.from_dense"),
+        (lambda: Problem.from_sparse(np.eye(4), sence="min"), "Problem.from_sparse"),
+        (lambda: Problem.koopmans_beckmann(np.eye(2), np.eye(2), sence="min"), "Problem"),
+    ],
+)
+def test_problem_constructors_give_the_same_unknown_option_message(call, caller):
+    with pytest.raises(TypeError, match=rf"^{caller}.* 'sence' \(did you mean 'sense'\?\)"):
+        call()

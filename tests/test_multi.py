@@ -162,7 +162,7 @@ def test_gamgm_accepts_a_synchronized_start():
 
 
 def test_upper_bound_holds_and_isomorphic_graphs_attain_it():
-    from qapfuse.solvers.multi.objective import _KBObjective
+    from qapfuse.solvers.multi._objective import _KBObjective
 
     A, _ = noisy_graph_set(5, 7, noise=0.2, seed=11)
     obj = _KBObjective(A, None, 0.7, xp=np)
@@ -185,7 +185,7 @@ def test_upper_bound_holds_and_isomorphic_graphs_attain_it():
 
 def test_gamgm_reaches_the_planted_solution_at_high_noise():
     from qapfuse.bench.mgm import graph_set
-    from qapfuse.solvers.multi.objective import _KBObjective
+    from qapfuse.solvers.multi._objective import _KBObjective
 
     # Seeds where pairwise RRWM is mostly wrong (accuracy < 0.5): the tabu-polished pairwise
     # start is what lets gamgm find the planted matchings here.
@@ -224,8 +224,8 @@ def test_pair_polish_never_lowers_a_pair_score():
 
 def test_relayed_candidates_put_a_misplaced_graph_back():
     from qapfuse.bench.mgm import graph_set
+    from qapfuse.solvers.multi._objective import _KBObjective
     from qapfuse.solvers.multi._sweeps import _consensus_sweeps, _relay_pass, _relayed
-    from qapfuse.solvers.multi.objective import _KBObjective
 
     A, T = graph_set(6, 10, noise=0.05, outliers=2, rng=5)
     N = A.shape[1]

@@ -11,7 +11,7 @@ import pytest
 from qapfuse import Problem, solve
 from qapfuse.affinity import gaussian_kernel, graph_matching_problem
 from qapfuse.graphs import matching_metrics, noisy_pair, point_pair
-from qapfuse.solvers.partial import (
+from qapfuse.solvers._partial import (
     match_with_outliers,
     partial_hungarian,
     sinkhorn_slack,

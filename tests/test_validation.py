@@ -13,7 +13,7 @@ import qapfuse
 from qapfuse import ConvergenceWarning, Problem, solve
 from qapfuse._validation import Option, options_of, validate_options, warn_not_converged
 from qapfuse.backend import namespace_of, rng_from
-from qapfuse.solvers import METHODS, local, multi, partial, pipeline
+from qapfuse.solvers import METHODS, _partial, local, multi, pipeline
 
 # Every public solver and its option table. Functions decorated with validate_options carry
 # their table; the others still keep a hand-written module table, checked here all the same.
@@ -21,11 +21,11 @@ _TABLES = {
     "two_opt": (qapfuse.two_opt, local.OPTIONS_TWO_OPT),
     "tabu": (qapfuse.tabu, local.OPTIONS_TABU),
     "auto": (qapfuse.auto, pipeline.OPTIONS),
-    "match_with_outliers": (qapfuse.match_with_outliers, partial.OPTIONS),
+    "match_with_outliers": (qapfuse.match_with_outliers, _partial.OPTIONS),
     "gamgm_affinity": (multi.gamgm_affinity, multi.OPTIONS),
-    "gamgm": (multi.gamgm, importlib.import_module("qapfuse.solvers.multi.gamgm")._OPTIONS_KB),
+    "gamgm": (multi.gamgm, importlib.import_module("qapfuse.solvers.multi._gamgm")._OPTIONS_KB),
 }
-# Not walked yet: qapfuse.sinkhorn has no option table (it needs one in solvers/lap.py).
+# Not walked yet: qapfuse.sinkhorn has no option table (it needs one in solvers/_lap.py).
 
 
 def _public_solvers():

@@ -14,16 +14,16 @@ from .. import backend
 from .._validation import Option, check_choice, check_options, check_scalar, options_of
 from ..errors import ConvergenceWarning
 from ..problem import Problem
-from . import ga as _ga
+from . import _ga
 from . import local as _local
 from . import pipeline as _pipeline
 from ._common import check_problem, kicked, random_soft
-from .ga import ga
+from ._ga import ga
+from ._lap import hungarian, sinkhorn
+from ._partial import match_with_outliers, partial_hungarian, sinkhorn_slack, sinkhorn_slack_sparse
 from .ipfp import ipfp
-from .lap import hungarian, sinkhorn
 from .local import tabu, two_opt
 from .multi import MultiMatchResult, consistency, gamgm, gamgm_affinity, synchronize
-from .partial import match_with_outliers, partial_hungarian, sinkhorn_slack
 from .pipeline import auto
 from .result import MatchResult
 from .rrwm import rrwm
@@ -45,6 +45,7 @@ __all__ = [
     "rrwm",
     "sinkhorn",
     "sinkhorn_slack",
+    "sinkhorn_slack_sparse",
     "sm",
     "solve",
     "synchronize",

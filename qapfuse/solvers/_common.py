@@ -10,7 +10,7 @@ import numpy as np
 from .. import backend
 from ..backend import Array
 from ..problem import DenseAffinity, Problem
-from .lap import _hungarian_np
+from ._lap import _hungarian_np
 from .result import MatchResult, make_result
 
 __all__ = [

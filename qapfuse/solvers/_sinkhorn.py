@@ -91,7 +91,7 @@ class Sinkhorn:
     slack : pair of int arrays of shape (b,), optional
         ``(n1, n2)``: add a slack row (capacity ``n2``, valid on columns ``< n2``) and a slack
         column (capacity ``n1``, valid on rows ``< n1``) to every instance; see
-        :mod:`qapfuse.solvers.partial`.
+        :func:`qapfuse.solvers.match_with_outliers`.
     warm : bool
         Start each call from the previous call's potentials.
     max_iter : int >= 1

@@ -16,7 +16,7 @@ from ..errors import ConvergenceWarning
 from ..problem import Problem
 from . import local
 from ._common import check_problem, initial_soft, random_soft
-from .ga import ga
+from ._ga import ga
 from .ipfp import ipfp
 from .result import MatchResult, make_result
 
@@ -76,7 +76,7 @@ def auto(
 
     Problems that local search cannot take (neither Koopmans--Beckmann nor small enough for a
     dense ``K``; see :func:`~qapfuse.solvers.local.tabu`) get graduated assignment
-    (:func:`~qapfuse.solvers.ga.ga`) alone, which does not follow `time_limit`.
+    (:func:`~qapfuse.ga`) alone, which does not follow `time_limit`.
 
     Parameters
     ----------

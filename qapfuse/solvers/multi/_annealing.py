@@ -17,13 +17,13 @@ from ..._validation import warn_not_converged
 from ...backend import Array
 from .._anneal import Schedule, anneal
 from .._common import normalise
+from .._lap import _hungarian_np
 from .._sinkhorn import Sinkhorn, compiled
-from ..lap import _hungarian_np
 from ._inputs import _row_mask
+from ._objective import _KBObjective
+from ._result import MultiMatchResult
 from ._sweeps import _consensus_sweeps, _pair_sweeps
-from .objective import _KBObjective
-from .result import MultiMatchResult
-from .sync import _consistent_universe, _sync_blocks
+from ._sync import _consistent_universe, _sync_blocks
 
 INITS = ("rrwm", "ga", "uniform")
 

@@ -38,8 +38,8 @@ from ..backend import Array
 from ..problem import Problem
 from ._anneal import AnnealResult, Schedule, anneal
 from ._common import check_problem, finish, initial_soft
+from ._lap import _valid_mask
 from ._sinkhorn import Sinkhorn
-from .lap import _valid_mask
 from .result import MatchResult
 
 __all__ = [
@@ -110,7 +110,7 @@ def sinkhorn_slack(
     Examples
     --------
     >>> import numpy as np
-    >>> from qapfuse.solvers.partial import sinkhorn_slack
+    >>> from qapfuse.solvers import sinkhorn_slack
     >>> S = np.array([[1.0, 0.0], [0.0, -1.0]])
     >>> P, u1, u2 = sinkhorn_slack(S, slack=0.0, tau=0.1, max_iter=1000)
     >>> np.round(P, 1), np.round(u1, 1)
@@ -118,7 +118,7 @@ def sinkhorn_slack(
            [0., 0.]]), array([0., 1.]))
     """
     caller = "sinkhorn_slack"
-    from .lap import _scores_and_sizes
+    from ._lap import _scores_and_sizes
 
     xp = backend.namespace_of(S, name="S")
     check_scalar(slack, "slack", caller, low=None)
@@ -189,7 +189,7 @@ def sinkhorn_slack_sparse(
     Examples
     --------
     >>> import numpy as np
-    >>> from qapfuse.solvers.partial import sinkhorn_slack_sparse
+    >>> from qapfuse.solvers import sinkhorn_slack_sparse
     >>> p, u1, u2 = sinkhorn_slack_sparse(np.array([1.0, -1.0]), np.array([0, 1]),
     ...                                   np.array([0, 1]), 2, 2, tau=0.1, max_iter=5000)
     >>> np.round(p, 1), np.round(u1, 1)

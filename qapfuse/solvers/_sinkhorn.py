@@ -18,12 +18,14 @@ Layouts
 Paths
     numpy float64 runs compiled (Numba) kernels; any other array (torch on any device,
     array_api_strict, float32) runs the same iteration in the array API, in the log domain.
-Scaling form or log domain (decided in :func:`_scaling_applies`, nowhere else)
-    The compiled path iterates on the scaling factors ``u = exp(f)``, ``v = exp(g)`` (one
+Scaling form or log domain (:data:`SCALING_SPREAD`, the one threshold)
+    The compiled cold path iterates on the scaling factors ``u = exp(f)``, ``v = exp(g)`` (one
     ``exp`` per entry and call, then products) when the spread ``max L - min L`` of the valid
     scores ``L = S / tau`` is at most :data:`SCALING_SPREAD` (700: ``exp(-700)`` is still a
     normal float64), and on the log potentials ``f``, ``g`` otherwise, or when a scaling factor
-    overflows. Both give the same plan up to rounding.
+    overflows. Both give the same plan up to rounding. The cold compiled kernels (dense and on
+    a support) test the spread themselves against this one constant; the warm compiled
+    iteration (below) and the array-API path need no switch.
 Warm start
     ``warm=True`` keeps the potentials of the last call (in units of the scores, so a new
     ``tau`` rescales them) and starts the next call from them: graduated assignment calls
@@ -34,7 +36,8 @@ Warm start
 Many blocks
     A state holds a few arrays of the block's size and nothing else, so blocks of different
     sizes (one per channel group in model fusion) simply get one state each:
-    ``states = [Sinkhorn(m) for m in masks]``.
+    ``states = [Sinkhorn(np.ones((r, c), bool), warm=True) for r, c in shapes]``, each
+    called as ``states[k](G_k, tau)`` with ``G_k`` of shape ``(r, c)``.
 
 The stopping test is the largest row-marginal error over rows with a valid entry, checked
 every `check_every` iterations (a full pass over the plan).
@@ -73,18 +76,14 @@ def compiled(S: Any) -> bool:
     return backend.is_numpy_array(S) and S.dtype == np.float64 and S.ndim == 3
 
 
-def _scaling_applies(spread: float) -> bool:
-    """The scaling-form / log-domain switch (see the module docstring)."""
-    return spread <= SCALING_SPREAD
-
-
 class Sinkhorn:
     """Sinkhorn projection with warm-startable potentials, for one layout of scores.
 
     Parameters
     ----------
-    mask : bool array of shape (b, r, c)
-        Valid pairs (numpy or the scores' library); ``r <= c`` without slack.
+    mask : bool array of shape (b, r, c) or (r, c)
+        Valid pairs (numpy or the scores' library); ``r <= c`` without slack. A 2-D mask
+        makes a state for one block, called with scores of shape (r, c).
     square : bool array of shape (b,) or (b, 1, 1), optional
         Instances whose columns must sum to exactly 1 (the others: at most 1). Default: all.
         Ignored with `slack` (every marginal is then exact).
@@ -123,6 +122,9 @@ class Sinkhorn:
         check_every: int = 10,
     ):
         mask_np = np.ascontiguousarray(backend.to_numpy(mask), dtype=np.bool_)
+        self._single = mask_np.ndim == 2  # one (r, c) block: calls take and give (r, c)
+        if self._single:
+            mask_np = mask_np[None]
         b, r, c = mask_np.shape
         self._shape = (b, r, c)
         self._slack = slack is not None
@@ -196,7 +198,7 @@ class Sinkhorn:
 
         Parameters
         ----------
-        S : array of shape (b, r, c), or (m,) on a support
+        S : array of shape (b, r, c), (r, c) for a 2-D mask, or (m,) on a support
             Scores.
         tau : float > 0
             Temperature.
@@ -210,6 +212,14 @@ class Sinkhorn:
         """
         if self._support is not None:
             return self._on_support(S, tau, slack)
+        if self._single:
+            P = self._batched(backend.namespace_of(S).expand_dims(S, axis=0), tau, slack)
+            if self._slack:
+                self.unmatched1, self.unmatched2 = self.unmatched1[0, ...], self.unmatched2[0, ...]
+            return P[0, ...]
+        return self._batched(S, tau, slack)
+
+    def _batched(self, S: Array, tau: float, slack: float) -> Array:
         L = S / tau
         if self._slack:
             L = self._augment(L, slack / tau)

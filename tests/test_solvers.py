@@ -311,7 +311,7 @@ def test_ga_ignores_a_constant_added_to_k_and_its_scale():
 # ---------------------------------------------------------------------------------------------
 # time_limit: a deadline checked between iterations
 
-TIMED = ["ipfp", "rrwm", "sm"]
+TIMED = ["ga", "ipfp", "rrwm", "sm"]
 
 
 def _slow_problem():
@@ -323,7 +323,7 @@ def _slow_problem():
 @pytest.mark.parametrize("method", TIMED)
 def test_time_limit_stops_a_single_run_between_iterations(method):
     p = _slow_problem()
-    func = {"ipfp": ipfp, "rrwm": rrwm, "sm": sm}[method]
+    func = {"ga": ga, "ipfp": ipfp, "rrwm": rrwm, "sm": sm}[method]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         full = func(p)
@@ -333,7 +333,7 @@ def test_time_limit_stops_a_single_run_between_iterations(method):
     assert full.n_iter > 1
     assert res.n_iter == 1 < full.n_iter
     assert res.info["stopped"] == "time_limit"
-    assert full.info["stopped"] in ("converged", "max_iter")
+    assert full.info["stopped"] != "time_limit"
     assert _is_partial_permutation(to_numpy(res.X), 12, 12)
     assert res.score == pytest.approx(float(p.score(res.X[None])[0]))
 

@@ -8,13 +8,19 @@ heavy work and never use ``assert``.
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import math
 import operator
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 from .errors import ConvergenceWarning
 
@@ -24,8 +30,13 @@ __all__ = [
     "check_finite",
     "check_options",
     "check_scalar",
+    "options_of",
+    "unknown_options_error",
+    "validate_options",
     "warn_not_converged",
 ]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def check_scalar(
@@ -127,15 +138,117 @@ def check_options(
     """Validate keyword options against a declared `spec`; unknown names raise ``TypeError``."""
     unknown = [k for k in options if k not in spec]
     if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, list(spec), n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise TypeError(
-            f"{caller} got unknown option(s) {', '.join(hints)}. "
-            f"Valid options: {', '.join(sorted(spec))}."
-        )
+        raise unknown_options_error(unknown, spec, caller)
     return {k: spec[k].check(v, k, caller) for k, v in options.items()}
+
+
+def unknown_options_error(unknown: Iterable[str], valid: Iterable[str], caller: str) -> TypeError:
+    """The one message for misspelt options: each unknown name with its closest valid one.
+
+    >>> print(unknown_options_error(["tua0"], ["tau0", "decay"], "ga"))
+    ga got unknown option(s) 'tua0' (did you mean 'tau0'?). Valid options: decay, tau0.
+    """
+    valid = list(valid)
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, valid, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return TypeError(
+        f"{caller} got unknown option(s) {', '.join(hints)}. "
+        f"Valid options: {', '.join(sorted(valid))}."
+    )
+
+
+def validate_options(table: Mapping[str, Option]) -> Callable[[F], F]:
+    """Decorator: `table` declares the keyword-only parameters of the function it decorates.
+
+    At import, the table must name exactly the function's keyword-only parameters (its
+    *options*), and every option whose default is ``None`` must allow ``None``: a parameter
+    added to a signature without a constraint, or a constraint left behind for a removed
+    parameter, fails loudly. On each call, the options passed are checked against their
+    constraints (the values given to the function are the checked ones, e.g. a numpy integer
+    becomes an ``int``), and an unknown keyword gets :func:`unknown_options_error`'s message.
+
+    Parameters
+    ----------
+    table : mapping of str to Option
+        The constraints, one per keyword-only parameter.
+
+    Returns
+    -------
+    callable
+        The decorator. :func:`options_of` returns the table of a decorated function.
+
+    Raises
+    ------
+    TypeError
+        At decoration, if the table and the signature disagree.
+
+    Examples
+    --------
+    >>> @validate_options({"tol": Option("float", low=0, low_inclusive=False)})
+    ... def f(x, *, tol=1e-3):
+    ...     return x
+    >>> f(1, tol=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: The 'tol' parameter of f must be a float > 0. Got -1 instead.
+    >>> f(1, tl=1)
+    Traceback (most recent call last):
+    ...
+    TypeError: f got unknown option(s) 'tl' (did you mean 'tol'?). Valid options: tol.
+    """
+
+    def decorate(func: F) -> F:
+        # "Problem.from_dense" for a method; a function defined in a function keeps its name
+        caller = func.__name__ if "<locals>" in func.__qualname__ else func.__qualname__
+        params = inspect.signature(func).parameters
+        options = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        names = {p.name for p in options}
+        missing = [p.name for p in options if p.name not in table]
+        extra = [k for k in table if k not in names]
+        if missing or extra:
+            raise TypeError(
+                f"The option table of {caller} must declare exactly its keyword-only "
+                f"parameters; without a constraint: {missing or 'none'}, "
+                f"not in the signature: {extra or 'none'}."
+            )
+        for p in options:
+            if p.default is None and not table[p.name].allow_none:
+                raise TypeError(
+                    f"The option {p.name!r} of {caller} defaults to None; its constraint must "
+                    "say allow_none=True."
+                )
+        frozen = MappingProxyType({p.name: table[p.name] for p in options})
+
+        @functools.wraps(func)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            unknown = [k for k in kwargs if k not in params]
+            if unknown:
+                raise unknown_options_error(unknown, frozen, caller)
+            for k, v in kwargs.items():
+                if k in frozen:
+                    kwargs[k] = frozen[k].check(v, k, caller)
+            return func(*args, **kwargs)
+
+        checked._qapfuse_options = frozen  # type: ignore[attr-defined]
+        return checked  # type: ignore[return-value]
+
+    return decorate
+
+
+def options_of(func: Callable[..., Any]) -> Mapping[str, Option]:
+    """The option table of a function decorated with :func:`validate_options` (read-only).
+
+    Raises
+    ------
+    TypeError
+        If `func` declares no option table.
+    """
+    table = getattr(func, "_qapfuse_options", None)
+    if table is None:
+        raise TypeError(f"{getattr(func, '__name__', func)!r} declares no option table.")
+    return table
 
 
 def check_finite(x: Any, name: str, *, xp: Any) -> None:
@@ -153,9 +266,28 @@ def check_finite(x: Any, name: str, *, xp: Any) -> None:
         raise ValueError(f"`{name}` contains NaN or Inf; clean or mask it first.")
 
 
-def warn_not_converged(message: str, *, stacklevel: int = 3) -> None:
-    """Emit a :class:`~qapfuse.ConvergenceWarning` pointing at the user's call."""
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def warn_not_converged(message: str, *, stacklevel: int | None = None) -> None:
+    """Emit a :class:`~qapfuse.ConvergenceWarning` pointing at the user's call.
+
+    By default the warning points at the innermost frame outside the qapfuse package, however
+    many qapfuse functions (and decorators) lie between; an explicit `stacklevel` overrides.
+    """
+    if stacklevel is None:
+        stacklevel = _user_stacklevel()
     warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` (as seen by ``warn_not_converged``) of the first frame outside qapfuse."""
+    frame, level = sys._getframe(2), 2  # 1: warn_not_converged, 2: its caller
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
+        _PACKAGE_DIR
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def callable_or_none(value: Any, name: str, caller: str) -> Callable[..., Any] | None:

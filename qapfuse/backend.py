@@ -34,6 +34,9 @@ Array = Any  # an array of any array-API library (numpy.ndarray, torch.Tensor, .
 def namespace_of(*arrays: Any, name: str = "input") -> Any:
     """Return the array-API namespace shared by `arrays` (``None`` and scalars are ignored).
 
+    `name` names the arguments in the error message: one name, or one per array separated by
+    commas (``"A, W"``), in which case the arguments left at ``None`` are left out.
+
     Raises
     ------
     TypeError
@@ -42,7 +45,16 @@ def namespace_of(*arrays: Any, name: str = "input") -> Any:
     try:
         return array_api_compat.array_namespace(*arrays)
     except TypeError as exc:
-        kinds = sorted({type(a).__module__.split(".")[0] + "." + type(a).__name__ for a in arrays})
+        names = [n.strip() for n in name.split(",")]
+        if len(names) == len(arrays) > 1:
+            name = ", ".join(n for n, a in zip(names, arrays) if a is not None)
+        kinds = sorted(
+            {
+                type(a).__module__.split(".")[0] + "." + type(a).__name__
+                for a in arrays
+                if a is not None
+            }
+        )
         raise TypeError(
             f"`{name}` must be arrays of one library (numpy, torch, ...); got {', '.join(kinds)}."
         ) from exc

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import backend
-from ._validation import check_choice, check_finite, check_scalar
+from ._validation import Option, check_choice, check_finite, check_scalar, validate_options
 from .backend import Array
 
 __all__ = [
@@ -459,6 +459,20 @@ def _check_n1_le_n2(n1: np.ndarray, n2: np.ndarray, caller: str) -> None:
         )
 
 
+def _check_not_empty(batch: int, n1: np.ndarray, n2: np.ndarray) -> None:
+    """Refuse a problem with no instance, or an instance without nodes on one side."""
+    if batch == 0:
+        raise ValueError("A Problem needs at least one instance; got a batch of size 0.")
+    empty = np.nonzero((n1 == 0) | (n2 == 0))[0]
+    if empty.size:
+        k = int(empty[0])
+        where = "" if batch == 1 else f" (instance {k})"
+        raise ValueError(
+            f"A Problem needs at least one node in each graph; got n1={int(n1[k])}, "
+            f"n2={int(n2[k])}{where}. There is nothing to match."
+        )
+
+
 def _batched(x: Array, ndim: int, name: str, caller: str) -> tuple[Array, bool]:
     """Add a batch axis to an unbatched array; returns (array, was_batched)."""
     if x.ndim == ndim:
@@ -474,6 +488,14 @@ def _batched(x: Array, ndim: int, name: str, caller: str) -> tuple[Array, bool]:
 # ----------------------------------------------------------------------------------------------
 # Problem
 # ----------------------------------------------------------------------------------------------
+
+
+_SENSE = Option("choice", choices=("max", "min"))
+_PADDED_OPTIONS = {
+    "n1max": Option("int", low=0, allow_none=True),
+    "n2max": Option("int", low=0, allow_none=True),
+    "sense": _SENSE,
+}
 
 
 class Problem:
@@ -496,10 +518,17 @@ class Problem:
     best_known : float, optional
         Best known objective, when known (QAPLIB ``.sln``).
 
+    Raises
+    ------
+    ValueError
+        For an empty problem (no instance, or ``n1 = 0`` or ``n2 = 0``), sizes beyond the
+        padded ones, or ``n1 > n2``.
+
     Notes
     -----
     Build problems with the class methods :meth:`from_dense`, :meth:`from_sparse`,
-    :meth:`koopmans_beckmann` and :meth:`from_qaplib`.
+    :meth:`koopmans_beckmann` and :meth:`from_qaplib`. Every constructor takes its arrays
+    first, then the sizes ``n1, n2`` (positional or by name), then keyword-only options.
     """
 
     def __init__(
@@ -524,6 +553,7 @@ class Problem:
         n2a = _sizes(n2, "n2", b, affinity.n2max, "Problem")
         self.n1 = np.full(b, affinity.n1max, np.int64) if n1a is None else n1a
         self.n2 = np.full(b, affinity.n2max, np.int64) if n2a is None else n2a
+        _check_not_empty(b, self.n1, self.n2)
         _check_n1_le_n2(self.n1, self.n2, "Problem")
         self.affinity = affinity
         self.sense = sense
@@ -617,6 +647,7 @@ class Problem:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
+    @validate_options(_PADDED_OPTIONS)
     def from_dense(
         cls,
         K: Array,
@@ -644,11 +675,13 @@ class Problem:
         if backend.is_sparse(K):
             raise TypeError(f"`K` in {caller} is sparse; use Problem.from_sparse.")
         xp = backend.namespace_of(K, name="K")
-        K, batched = _batched(xp.asarray(K), 2, "K", caller)
+        K = xp.asarray(K)
+        given = tuple(K.shape)
+        K, batched = _batched(K, 2, "K", caller)
         K = _float_array(K, "K", xp=xp)
         b, N, N2 = K.shape
         if N != N2:
-            raise ValueError(f"`K` in {caller} must be square; got shape {tuple(K.shape)[-2:]}.")
+            raise ValueError(f"`K` in {caller} must be square; got shape {given}.")
         n1max, n2max = _infer_padded(N, n1, n2, n1max, n2max, b, caller)
         check_finite(K, "K", xp=xp)
         if sense == "min":
@@ -656,6 +689,7 @@ class Problem:
         return cls(DenseAffinity(K, n1max, n2max), n1, n2, sense=sense, batched=batched)
 
     @classmethod
+    @validate_options(_PADDED_OPTIONS)
     def from_sparse(
         cls,
         K: Any,
@@ -714,14 +748,15 @@ class Problem:
         return cls(SparseAffinity(out, n1max, n2max), n1, n2, sense=sense, batched=batched)
 
     @classmethod
+    @validate_options({"sense": _SENSE})
     def koopmans_beckmann(
         cls,
         A: Array,
         B: Array,
         L: Array | None = None,
-        *,
         n1: Any = None,
         n2: Any = None,
+        *,
         sense: str = "max",
     ) -> Problem:
         r"""Koopmans--Beckmann problem ``opt_X <X, A X B^T> + <L, X>``, never building ``K``.
@@ -744,22 +779,20 @@ class Problem:
             ``"min"`` for cost minimisation (QAPLIB).
         """
         caller = "Problem.koopmans_beckmann"
-        check_choice(sense, "sense", caller, ("max", "min"))
-        xp = backend.namespace_of(A, B, L, name="A, B, L")
-        A, batched = _batched(xp.asarray(A), 2, "A", caller)
-        B, batched_b = _batched(xp.asarray(B), 2, "B", caller)
+        xp = backend.namespace_of(A, B, L, name="A, B" if L is None else "A, B, L")
+        A, B = xp.asarray(A), xp.asarray(B)
+        shapes = f"{tuple(A.shape)} and {tuple(B.shape)}"  # as passed, for the messages
+        A, batched = _batched(A, 2, "A", caller)
+        B, batched_b = _batched(B, 2, "B", caller)
         if batched != batched_b:
             raise ValueError(
                 f"`A` and `B` in {caller} must both have a batch axis or neither; got shapes "
-                f"{tuple(A.shape)} and {tuple(B.shape)}."
+                f"{shapes}."
             )
         A = _float_array(A, "A", xp=xp)
         B = _float_array(B, "B", xp=xp)
         if A.shape[-1] != A.shape[-2] or B.shape[-1] != B.shape[-2]:
-            raise ValueError(
-                f"`A` and `B` in {caller} must be square; got shapes {tuple(A.shape)} and "
-                f"{tuple(B.shape)}."
-            )
+            raise ValueError(f"`A` and `B` in {caller} must be square; got shapes {shapes}.")
         if A.shape[0] != B.shape[0]:
             raise ValueError(
                 f"`A` and `B` in {caller} must have the same batch size; got {A.shape[0]} and "
@@ -779,19 +812,22 @@ class Problem:
         sign = -1.0 if sense == "min" else 1.0
         aff: Affinity = KoopmansBeckmannAffinity(A, B, weight=sign)
         if L is not None:
-            L, _ = _batched(xp.asarray(L), 2, "L", caller)
+            L = xp.asarray(L)
+            given = tuple(L.shape)
+            L, _ = _batched(L, 2, "L", caller)
             L = xp.astype(_float_array(L, "L", xp=xp), A.dtype)
             want = (A.shape[0], A.shape[-1], B.shape[-1])
             if tuple(L.shape) != want:
+                expected = want if batched else want[1:]
                 raise ValueError(
-                    f"`L` in {caller} must have shape (n1, n2) = {want[1:]} (batched: {want}); "
-                    f"got {tuple(L.shape)}."
+                    f"`L` in {caller} must have shape {expected} (like A and B); got {given}."
                 )
             check_finite(L, "L", xp=xp)
             aff = aff + LinearAffinity(sign * L)
         return cls(aff, n1, n2, sense=sense, batched=batched)
 
     @classmethod
+    @validate_options({"sln": Option("any", allow_none=True)})
     def from_qaplib(cls, path: str | os.PathLike[str], *, sln: Any = None) -> Problem:
         """Read a QAPLIB ``.dat`` file as a minimisation problem (numpy, float64).
 

@@ -162,7 +162,7 @@ def test_gamgm_accepts_a_synchronized_start():
 
 
 def test_upper_bound_holds_and_isomorphic_graphs_attain_it():
-    from qapfuse.solvers.multi.objective import _KBObjective
+    from qapfuse.solvers.multi._objective import _KBObjective
 
     A, _ = noisy_graph_set(5, 7, noise=0.2, seed=11)
     obj = _KBObjective(A, None, 0.7, xp=np)
@@ -185,7 +185,7 @@ def test_upper_bound_holds_and_isomorphic_graphs_attain_it():
 
 def test_gamgm_reaches_the_planted_solution_at_high_noise():
     from qapfuse.bench.mgm import graph_set
-    from qapfuse.solvers.multi.objective import _KBObjective
+    from qapfuse.solvers.multi._objective import _KBObjective
 
     # Seeds where pairwise RRWM is mostly wrong (accuracy < 0.5): the tabu-polished pairwise
     # start is what lets gamgm find the planted matchings here.
@@ -224,8 +224,8 @@ def test_pair_polish_never_lowers_a_pair_score():
 
 def test_relayed_candidates_put_a_misplaced_graph_back():
     from qapfuse.bench.mgm import graph_set
+    from qapfuse.solvers.multi._objective import _KBObjective
     from qapfuse.solvers.multi._sweeps import _consensus_sweeps, _relay_pass, _relayed
-    from qapfuse.solvers.multi.objective import _KBObjective
 
     A, T = graph_set(6, 10, noise=0.05, outliers=2, rng=5)
     N = A.shape[1]
@@ -506,18 +506,20 @@ def _sinkhorn_case(seed=21):
     return S, mask, square
 
 
-def test_warm_sinkhorn_agrees_with_the_log_domain_kernel():
-    from qapfuse.solvers.lap import sinkhorn_log
-    from qapfuse.solvers.multi._sinkhorn import SinkhornWarm
+def test_warm_sinkhorn_agrees_with_the_log_domain_kernel(monkeypatch):
+    from qapfuse.solvers import _sinkhorn
+    from qapfuse.solvers._sinkhorn import Sinkhorn
 
+    monkeypatch.setattr(_sinkhorn, "SCALING_SPREAD", -1.0)  # cold calls: the log domain
     S, mask, square = _sinkhorn_case()
     for tau in (0.5, 0.05):
-        P, it, err = SinkhornWarm(mask, square)(S, tau, max_iter=5000, tol=1e-12)
-        log_P, _, _ = sinkhorn_log(
-            S / tau, mask=mask, square=square[:, None, None], max_iter=5000, tol=1e-12, xp=np
-        )
+        warm = Sinkhorn(mask, square=square, warm=True, max_iter=5000, tol=1e-12)
+        P = warm(S, tau)
+        it, err = warm.n_iter, warm.err
+        cold = Sinkhorn(mask, square=square, max_iter=5000, tol=1e-12)
+        P_log = cold(S, tau)
         assert err <= 1e-12 and it < 5000
-        np.testing.assert_allclose(P, np.exp(log_P), atol=1e-9)
+        np.testing.assert_allclose(P, P_log, atol=1e-9)
         rows = P.sum(axis=2)
         np.testing.assert_allclose(rows[mask.any(axis=2)], 1.0, atol=1e-9)
         assert np.all(P.sum(axis=1) <= 1.0 + 1e-9)
@@ -525,17 +527,21 @@ def test_warm_sinkhorn_agrees_with_the_log_domain_kernel():
 
 
 def test_warm_sinkhorn_reuses_its_potentials_and_survives_a_large_spread():
-    from qapfuse.solvers.multi._sinkhorn import SinkhornWarm
+    from qapfuse.solvers._sinkhorn import Sinkhorn
 
     S = np.random.default_rng(22).random((4, 6, 6))
     mask, square = np.ones(S.shape, dtype=bool), np.ones(4, dtype=bool)
-    warm = SinkhornWarm(mask, square)
-    _, it_cold, _ = warm(S, 0.1, max_iter=1000, tol=1e-10, check_every=1)
-    P, it_warm, err = warm(S, 0.1, max_iter=1000, tol=1e-10, check_every=1)
+    warm = Sinkhorn(mask, square=square, warm=True, max_iter=1000, tol=1e-10, check_every=1)
+    warm(S, 0.1)
+    it_cold = warm.n_iter
+    P = warm(S, 0.1)
+    it_warm, err = warm.n_iter, warm.err
     assert it_warm < it_cold and err <= 1e-10
     # tau = 1e-4: the scores span ~1e4, far beyond exp's range; the result is still finite,
     # (nearly) doubly stochastic and concentrated on the best assignment
-    P, _, err = warm(S, 1e-4, max_iter=5000, tol=1e-8)
+    warm.max_iter, warm.tol, warm.check_every = 5000, 1e-8, 10
+    P = warm(S, 1e-4)
+    err = warm.err
     assert np.all(np.isfinite(P)) and err <= 1e-3
     np.testing.assert_allclose(P.sum(axis=1), 1.0, atol=1e-12)
     from scipy.optimize import linear_sum_assignment

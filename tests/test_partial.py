@@ -11,7 +11,7 @@ import pytest
 from qapfuse import Problem, solve
 from qapfuse.affinity import gaussian_kernel, graph_matching_problem
 from qapfuse.graphs import matching_metrics, noisy_pair, point_pair
-from qapfuse.solvers.partial import (
+from qapfuse.solvers._partial import (
     match_with_outliers,
     partial_hungarian,
     sinkhorn_slack,
@@ -132,17 +132,16 @@ def test_match_with_outliers_options_are_checked():
 
 
 def _dense_on_support(S, C, slack, tau, iters):
-    """Reference: the dense log-domain slack Sinkhorn with pairs outside `C` at -inf."""
-    from qapfuse import backend
-    from qapfuse.solvers.partial import _augmented_log, _sinkhorn_slack_log
+    """Reference: the dense slack Sinkhorn with pairs outside `C` left out of the mask."""
+    from qapfuse.solvers._sinkhorn import Sinkhorn
 
-    xp = backend.namespace_of(S)
     n1, n2 = S.shape
-    Sa, la, lb = _augmented_log(S[None] / tau, slack / tau, np.array([n1]), np.array([n2]), xp=xp)
-    Sa[0, :n1, :n2] = np.where(C, Sa[0, :n1, :n2], -np.inf)
-    lp, _, err = _sinkhorn_slack_log(Sa, la, lb, max_iter=iters, tol=1e-12, xp=xp)
-    assert err < 1e-9
-    return np.exp(lp[0])
+    project = Sinkhorn(C[None], slack=([n1], [n2]), max_iter=iters, tol=1e-12, check_every=5)
+    P = project(S[None], tau, slack=slack)[0]
+    assert project.err < 1e-9
+    ref = np.zeros((n1 + 1, n2 + 1))
+    ref[:n1, :n2], ref[:n1, n2], ref[n1, :n2] = P, project.unmatched1[0], project.unmatched2[0]
+    return ref
 
 
 @pytest.mark.parametrize("slack", [-0.2, 0.3])
@@ -240,3 +239,24 @@ def test_sinkhorn_slack_sparse_log_domain_fallback_matches_dense():
     assert np.ptp(S) / 2e-3 > 700
     np.testing.assert_allclose(p.reshape(5, 7), P, atol=1e-10)
     np.testing.assert_allclose(u1, v1, atol=1e-10)
+
+
+@pytest.mark.parametrize("candidates", [None, 20])
+def test_match_with_outliers_time_limit_stops_between_iterations(candidates):
+    pair = point_pair(
+        40, noise=0.002, outliers1=4, outliers2=4, node_feat_dim=16, node_noise=1.0, rng=0
+    )
+    kw = dict(edge_aff=gaussian_kernel(0.05), node_aff=gaussian_kernel(16.0), dtype="float64")
+    p = graph_matching_problem(*pair.aff_args(), candidates=candidates, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = match_with_outliers(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a time stop is not a failure
+        res = match_with_outliers(p, time_limit=1e-9)
+    assert full.info["stopped"] == "done" and full.n_iter > 1
+    assert res.info["stopped"] == "time_limit" and res.n_iter == 1 and not res.converged
+    X = res.X
+    assert set(np.unique(X)) <= {0.0, 1.0}
+    assert X.sum(axis=0).max() <= 1 and X.sum(axis=1).max() <= 1
+    np.testing.assert_array_equal(res.info["matched1"], X.sum(axis=1) > 0)

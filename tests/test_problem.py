@@ -175,7 +175,7 @@ def test_dense_memory_limit_names_bytes_and_the_operator_form():
         (
             lambda: Problem.koopmans_beckmann(np.ones((2, 2)), np.ones((3, 3)), np.ones((3, 2))),
             ValueError,
-            r"`L`.*shape \(n1, n2\) = \(2, 3\)",
+            r"`L`.*shape \(2, 3\) \(like A and B\); got \(3, 2\)",
         ),
         (
             lambda: Problem.koopmans_beckmann(np.ones((2, 2)), np.full((2, 2), np.inf)),
@@ -208,3 +208,64 @@ def test_huge_finite_k_whose_sum_overflows_is_accepted():
     K[1, 2] = np.inf
     with pytest.raises(ValueError, match=r"`K` contains NaN or Inf"):
         Problem.from_dense(K)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: Problem.from_dense(np.zeros((0, 0)), 0, 0),
+        lambda: Problem.from_dense(np.zeros((0, 0))),
+        lambda: Problem.from_dense(np.zeros((1, 0, 0))),
+        lambda: Problem.from_dense(np.zeros((0, 4, 4))),
+        lambda: Problem.from_dense(np.ones((2, 4, 4)), [2, 0], [2, 2]),
+        lambda: Problem.from_sparse(sp.csr_matrix((0, 0))),
+        lambda: Problem.koopmans_beckmann(np.zeros((0, 0)), np.zeros((0, 0))),
+        lambda: Problem.koopmans_beckmann(np.zeros((0, 0)), np.ones((3, 3))),
+        lambda: Problem.koopmans_beckmann(np.ones((2, 3, 3)), np.ones((2, 3, 3)), None, [3, 0]),
+    ],
+)
+def test_empty_problems_are_refused_at_construction(call):
+    with pytest.raises(ValueError, match=r"needs at least one (node in each graph|instance)"):
+        call()
+
+
+def test_sizes_follow_the_arrays_in_every_constructor():
+    A, B = np.ones((2, 3, 3)), np.ones((2, 4, 4))
+    A[1, 2], A[1, :, 2] = 0, 0  # instance 1: a 2-node first graph, zero-padded
+    by_position = Problem.koopmans_beckmann(A, B, None, [3, 2], [4, 4])
+    by_name = Problem.koopmans_beckmann(A, B, n1=[3, 2], n2=[4, 4])
+    assert by_position.n1.tolist() == by_name.n1.tolist() == [3, 2]
+    K = np.ones((2, 12, 12))
+    assert Problem.from_dense(K, [3, 2], [4, 4]).n1.tolist() == [3, 2]
+    assert Problem.from_sparse([sp.eye(12)] * 2, [3, 2], [4, 4]).n1.tolist() == [3, 2]
+    assert Problem.from_dense(np.ones((16, 16)), 4, 4).n1.tolist() == [4]  # the README's call
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda: Problem.koopmans_beckmann(np.ones((3, 2)), np.ones((3, 3))),
+            r"got shapes \(3, 2\) and \(3, 3\)\.",
+        ),
+        (
+            lambda: Problem.koopmans_beckmann(np.ones((2, 2)), np.ones((1, 2, 2))),
+            r"got shapes \(2, 2\) and \(1, 2, 2\)\.",
+        ),
+        (
+            lambda: Problem.koopmans_beckmann(np.eye(2), np.eye(2), np.ones((5, 4))),
+            r"got \(5, 4\)\.",
+        ),
+    ],
+)
+def test_messages_report_shapes_as_passed(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_arguments_left_at_none_stay_out_of_type_lists():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError) as info:
+        Problem.koopmans_beckmann(np.eye(2), torch.eye(2))
+    assert "NoneType" not in str(info.value)
+    assert "`A, B`" in str(info.value)

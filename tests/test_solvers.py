@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import warnings
 
 import numpy as np
@@ -11,6 +13,7 @@ from helpers import brute_force_lawler
 
 from qapfuse import ConvergenceWarning, Problem, ga, ipfp, rrwm, sm, solve
 from qapfuse.backend import to_numpy
+from qapfuse.solvers import METHODS
 
 CONTINUOUS = ["ga", "ipfp", "rrwm", "sm"]
 
@@ -280,7 +283,7 @@ def test_convergence_warning_points_at_the_caller():
         (dict(method="ga", restarts=0), ValueError, r"'restarts' parameter of solve"),
         (dict(method="ga", refine="three_opt"), ValueError, r"'refine'.*'two_opt', 'tabu'"),
         (dict(method="ga", rng="seed"), TypeError, r"'rng' parameter"),
-        (dict(method="ga", x0=np.ones((3, 3))), ValueError, r"'x0'.*shape \(4, 4\)"),
+        (dict(method="ga", x0=np.ones((3, 3))), ValueError, r"'x0'.*shape \(4, 4\)\. Got \(3, 3\)"),
     ],
 )
 def test_bad_options_are_named(kwargs, exc, match):
@@ -303,3 +306,78 @@ def test_ga_ignores_a_constant_added_to_k_and_its_scale():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         np.testing.assert_array_equal(ga(shifted).X, ga(p).X)
+
+
+# ---------------------------------------------------------------------------------------------
+# time_limit: a deadline checked between iterations
+
+TIMED = ["ga", "ipfp", "rrwm", "sm"]
+
+
+def _slow_problem():
+    """A problem none of the timed methods settles on in one iteration."""
+    A1, A2, _ = isomorphic_pair(12, 4, noise=0.3)
+    return Problem.koopmans_beckmann(A1, A2)
+
+
+@pytest.mark.parametrize("method", TIMED)
+def test_time_limit_stops_a_single_run_between_iterations(method):
+    p = _slow_problem()
+    func = {"ga": ga, "ipfp": ipfp, "rrwm": rrwm, "sm": sm}[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        full = func(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # a time stop is not a failure
+        res = func(p, time_limit=1e-9)
+    assert full.n_iter > 1
+    assert res.n_iter == 1 < full.n_iter
+    assert res.info["stopped"] == "time_limit"
+    assert full.info["stopped"] != "time_limit"
+    assert _is_partial_permutation(to_numpy(res.X), 12, 12)
+    assert res.score == pytest.approx(float(p.score(res.X[None])[0]))
+
+
+@pytest.mark.parametrize("method", TIMED)
+def test_solve_hands_each_run_a_share_of_its_time_limit(method, monkeypatch):
+    p = _slow_problem()
+    real, deadlines = METHODS[method], []
+
+    def spy(problem, **options):
+        if problem is p:  # not the warm-up on a tiny problem
+            deadlines.append(time.perf_counter() + options["time_limit"])
+        return real.func(problem, **options)
+
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(real, func=spy))
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        res = solve(p, method, time_limit=5.0, restarts=3, rng=0)
+    assert len(deadlines) == res.info["restarts"] == 3
+    # No run may end past the call's limit (up to solve's own bookkeeping).
+    assert all(d <= start + 5.0 + 0.1 for d in deadlines)
+    assert deadlines[0] <= start + 5.0 / 3 + 0.5  # the first run gets about a third
+
+
+@pytest.mark.parametrize("method", TIMED)
+def test_solve_starts_no_restart_past_its_time_limit(method):
+    p = _slow_problem()
+    for refine in (None, "two_opt"):
+        res = solve(p, method, refine=refine, time_limit=1e-9, restarts=5, rng=0)
+        assert res.info["restarts"] == 1
+        assert _is_partial_permutation(to_numpy(res.X), 12, 12)
+
+
+def test_a_refined_start_needs_no_convergence_warning():
+    rng = np.random.default_rng(0)
+    A, B = rng.random((8, 8)), rng.random((8, 8))
+    p = Problem.koopmans_beckmann(A, B, sense="min")
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        solve(p, "rrwm", max_iter=2)
+    assert any(issubclass(w.category, ConvergenceWarning) for w in plain)
+    with warnings.catch_warnings(record=True) as refined:
+        warnings.simplefilter("always")
+        res = solve(p, "rrwm", refine="two_opt", max_iter=2, rng=0)
+    assert not refined
+    assert res.info["start_converged"] is False

@@ -12,7 +12,7 @@ Part 1 (construction): time and peak memory of ``build_aff_mat`` on
 Part 2 (end to end, the ``gm`` cases at scale): Delaunay point sets of ``n = 1000, 2000``
 inliers with 10% outliers on each side, node descriptors (16-d, noisy) and edge lengths;
 build a sparse K (Gaussian kernels), solve with graduated assignment with slack
-(:func:`qapfuse.solvers.partial.match_with_outliers`), round by a partial Hungarian step, and
+(:func:`qapfuse.solvers.match_with_outliers`), round by a partial Hungarian step, and
 report accuracy, precision, recall and F1 against the ground truth. Two paths: ``full`` (every
 pair ``(i, a)``, dense ``(n1+1) x (n2+1)`` Sinkhorn steps) and ``cand`` (``candidates=k``: the
 ``k`` best partners of each node by node affinity, K built on those pairs only, sparse
@@ -222,8 +222,7 @@ def _work_e2e(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ..affinity import gaussian_kernel, graph_matching_problem
     from ..graphs import matching_metrics, point_pair
-    from ..solvers.lap import hungarian
-    from ..solvers.partial import match_with_outliers
+    from ..solvers import hungarian, match_with_outliers
 
     def make(n: int, seed: int) -> Any:
         # jitter scales with the mean edge length (~ n^-1/2): the same difficulty at every n

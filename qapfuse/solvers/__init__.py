@@ -4,28 +4,25 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import backend
-from .._validation import Option, check_choice, check_options, check_scalar
+from .._validation import Option, check_choice, check_options, check_scalar, options_of
+from ..errors import ConvergenceWarning
 from ..problem import Problem
-from . import _local, _pipeline
-from . import ga as _ga
-from . import ipfp as _ipfp
-from . import rrwm as _rrwm
-from . import sm as _sm
+from . import _ga, _local, _pipeline
 from ._common import check_problem, kicked, random_soft
+from ._ga import ga
+from ._lap import hungarian, sinkhorn
 from ._local import tabu, two_opt
+from ._partial import match_with_outliers, partial_hungarian, sinkhorn_slack, sinkhorn_slack_sparse
 from ._pipeline import auto
-from .ga import ga
 from .ipfp import ipfp
-from .lap import hungarian, sinkhorn
 from .multi import MultiMatchResult, consistency, gamgm, gamgm_affinity, synchronize
-from .partial import match_with_outliers, partial_hungarian, sinkhorn_slack
 from .result import MatchResult
 from .rrwm import rrwm
 from .sm import sm
@@ -46,6 +43,7 @@ __all__ = [
     "rrwm",
     "sinkhorn",
     "sinkhorn_slack",
+    "sinkhorn_slack_sparse",
     "sm",
     "solve",
     "synchronize",
@@ -57,22 +55,26 @@ __all__ = [
 @dataclass(frozen=True)
 class _Method:
     func: Callable[..., MatchResult]
-    options: dict[str, Option]
-    local: bool  # refines a discrete solution; takes time_limit
+    options: Mapping[str, Option]  # the keyword-only parameters of func
+    continuous: bool = False  # a continuous solver: warmed up on a tiny problem when timed
 
     @property
     def timed(self) -> bool:
         return "time_limit" in self.options
 
+    @property
+    def random(self) -> bool:
+        return "rng" in self.options
+
 
 METHODS: dict[str, _Method] = {
-    "auto": _Method(auto, _pipeline.OPTIONS, local=False),
-    "ga": _Method(ga, _ga.OPTIONS, local=False),
-    "rrwm": _Method(rrwm, _rrwm.OPTIONS, local=False),
-    "ipfp": _Method(ipfp, _ipfp.OPTIONS, local=False),
-    "sm": _Method(sm, _sm.OPTIONS, local=False),
-    "two_opt": _Method(two_opt, _local.OPTIONS_TWO_OPT, local=True),
-    "tabu": _Method(tabu, _local.OPTIONS_TABU, local=True),
+    "auto": _Method(auto, _pipeline.OPTIONS),
+    "ga": _Method(ga, _ga.OPTIONS, continuous=True),
+    "rrwm": _Method(rrwm, options_of(rrwm), continuous=True),
+    "ipfp": _Method(ipfp, options_of(ipfp), continuous=True),
+    "sm": _Method(sm, options_of(sm), continuous=True),
+    "two_opt": _Method(two_opt, _local.OPTIONS_TWO_OPT),
+    "tabu": _Method(tabu, _local.OPTIONS_TABU),
 }
 REFINERS = ("two_opt", "tabu")
 
@@ -105,9 +107,13 @@ def solve(
         search). The best per instance is kept.
     time_limit : float > 0, optional
         Wall-clock budget in seconds for the whole call: no new restart begins after it, and
-        time-aware methods (local search, ``auto``) get the remaining share.
+        every method that takes a ``time_limit`` (see its docstring) gets an equal share of
+        what is left per remaining run (half of it when `refine` follows), checked between its
+        iterations. The call returns shortly after the limit: the last iteration, the
+        final rounding and scoring are not cut short.
     rng : None, int, numpy.random.Generator or torch.Generator
-        Source of the random starts (and of the methods' own randomness).
+        Source of the random starts, and of the method's own randomness for the methods that
+        draw (``auto``, ``two_opt``, ``tabu``); the deterministic ones do not take it.
     **options
         Options of `method` (see its docstring). Unknown names raise ``TypeError``.
 
@@ -115,17 +121,21 @@ def solve(
     -------
     MatchResult
         Best result; ``info["restarts"]`` counts the runs, ``n_iter`` sums their iterations.
+        With `refine`, the method's result is only a start for the local search, so its
+        ``ConvergenceWarning`` is not raised; ``info["start_converged"]`` records whether every
+        start met its tolerance.
 
     Examples
     --------
-    Brute force confirms the optimum on a tiny problem:
+    Brute force confirms the optimum that GA refined by tabu search finds on a tiny problem
+    (2-opt alone stops at a local optimum here):
 
     >>> import itertools, numpy as np
     >>> from qapfuse import Problem, solve
     >>> rng = np.random.default_rng(0)
     >>> A, B = rng.random((5, 5)), rng.random((5, 5))
     >>> p = Problem.koopmans_beckmann(A, B, sense="min")
-    >>> res = solve(p, "ga", refine="two_opt")
+    >>> res = solve(p, "ga", refine="tabu", rng=0)
     >>> best = min((A * B[np.ix_(q, q)]).sum() for q in map(list, itertools.permutations(range(5))))
     >>> bool(np.isclose(res.objective, best))
     True
@@ -143,12 +153,16 @@ def solve(
         raise TypeError(f"{caller}: pass time_limit to solve itself, not as a method option.")
     opts = check_options(options, spec.options, caller)
     gen = backend.rng_from(rng, caller="solve")
+    # Compile / load the Numba kernels before the clock starts (a first call in a process can
+    # take longer than a short time limit).
     if method in ("auto", *REFINERS) or refine is not None:
-        _local.warm_up()  # compile / load the Numba kernels before the clock starts
+        _local.warm_up()
+    if spec.continuous and time_limit is not None:
+        _warm_up(spec.func, problem)
     start = time.perf_counter()
 
     best = None
-    n_iter, runs = 0, 0
+    n_iter, runs, starts_converged = 0, 0, True
     for run in range(restarts):
         elapsed = time.perf_counter() - start
         if run > 0 and time_limit is not None and elapsed >= time_limit:
@@ -157,7 +171,7 @@ def solve(
         run_opts = dict(opts)
         if run > 0:
             run_opts["x0"] = random_soft(problem, gen)
-        if "rng" in spec.options:
+        if spec.random:
             run_opts["rng"] = gen
         if spec.timed and remaining is not None:
             # Equal shares for the runs left; with a refiner, half of a share each.
@@ -168,6 +182,9 @@ def solve(
             warnings.simplefilter("always")
             res = spec.func(problem, **run_opts)
             if refine is not None:
+                # The result is only a start: the local search decides the answer.
+                starts_converged &= res.converged
+                caught[:] = [w for w in caught if not issubclass(w.category, ConvergenceWarning)]
                 used = time.perf_counter() - start
                 left = None if time_limit is None else (time_limit - used) / (restarts - run)
                 # Later runs start the local search from a kicked copy (iterated local search):
@@ -184,6 +201,8 @@ def solve(
     assert best is not None  # restarts >= 1 guarantees one run
     info = dict(best.info)
     info["restarts"] = runs
+    if refine is not None:
+        info["start_converged"] = starts_converged
     return MatchResult(
         X=best.X,
         soft=best.soft,
@@ -194,6 +213,15 @@ def solve(
         time=time.perf_counter() - start,
         info=info,
     )
+
+
+def _warm_up(func: Callable[..., MatchResult], problem: Problem) -> None:
+    """Run `func` once on a 2 x 2 problem in `problem`'s library, dtype and device."""
+    xp = problem.xp
+    eye = xp.eye(2, dtype=problem.dtype, device=problem.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        func(Problem.koopmans_beckmann(eye, eye))
 
 
 def _better(a: MatchResult, b: MatchResult, problem: Problem) -> MatchResult:

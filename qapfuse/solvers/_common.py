@@ -10,7 +10,7 @@ import numpy as np
 from .. import backend
 from ..backend import Array
 from ..problem import DenseAffinity, Problem
-from .lap import _hungarian_np
+from ._lap import _hungarian_np
 from .result import MatchResult, make_result
 
 __all__ = [
@@ -71,12 +71,13 @@ def initial_soft(problem: Problem, x0: Any, caller: str) -> Array:
             f"({xp.__name__.split('.')[-1]}); got {type(x0).__name__}."
         )
     want = (problem.n1max, problem.n2max)
+    given = tuple(x0.shape)  # reported as passed, without the batch axis added below
     if x0.ndim == 2 and problem.batch == 1:
         x0 = x0[None]
     if tuple(x0.shape) != (problem.batch, *want):
+        expected = f"{want}" if problem.batch == 1 else f"{(problem.batch, *want)}"
         raise ValueError(
-            f"The 'x0' parameter of {caller} must have shape {want} (batched: "
-            f"{(problem.batch, *want)}); got {tuple(x0.shape)}."
+            f"The 'x0' parameter of {caller} must have shape {expected}. Got {given} instead."
         )
     if not bool(xp.all(xp.isfinite(x0))) or bool(xp.any(x0 < 0)):
         raise ValueError(f"The 'x0' parameter of {caller} must be finite and non-negative.")

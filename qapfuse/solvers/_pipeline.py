@@ -16,8 +16,8 @@ from .._validation import Option, check_options
 from ..errors import ConvergenceWarning
 from ..problem import Problem
 from ._common import check_problem, hard_score, initial_soft, random_soft
+from ._ga import ga
 from ._local_runner import LocalSearch, deadline_in, local_search_form, share_deadline, warm_up
-from .ga import ga
 from .ipfp import ipfp
 from .result import MatchResult, make_result
 

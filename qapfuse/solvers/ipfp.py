@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .._validation import Option, check_options, warn_not_converged
+from .._validation import Option, validate_options, warn_not_converged
 from ..problem import Problem
 from ._common import check_problem, finish, hard_projection, initial_soft
 from .result import MatchResult
@@ -15,13 +15,19 @@ __all__ = ["OPTIONS", "ipfp"]
 OPTIONS: dict[str, Option] = {
     "max_iter": Option("int", low=1),
     "tol": Option("float", low=0, low_inclusive=False),
+    "time_limit": Option("float", low=0, low_inclusive=False, allow_none=True),
     "x0": Option("array", allow_none=True),
-    "rng": Option("any", allow_none=True),
 }
 
 
+@validate_options(OPTIONS)
 def ipfp(
-    problem: Problem, *, max_iter: int = 50, tol: float = 1e-3, x0: Any = None, rng: Any = None
+    problem: Problem,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-3,
+    time_limit: float | None = None,
+    x0: Any = None,
 ) -> MatchResult:
     r"""Integer projected fixed point: Frank--Wolfe steps with exact line search.
 
@@ -41,15 +47,32 @@ def ipfp(
         the one of the previous step, or the iterate itself (the relative difference alone
         is not invariant to a constant added to ``K``, which would stop the iteration after
         one step).
+    time_limit : float > 0, optional
+        Wall-clock budget in seconds, checked after each step: past it, the best discrete
+        solution so far is returned with
+        ``info["stopped"] == "time_limit"`` (and no ``ConvergenceWarning``).
     x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
         Start. Default: uniform.
-    rng : optional
-        Accepted for a uniform interface; IPFP is deterministic.
 
     Returns
     -------
     MatchResult
-        ``soft`` is the last continuous iterate.
+        ``soft`` is the last continuous iterate. ``info["stopped"]`` is ``"converged"``,
+        ``"max_iter"`` or ``"time_limit"``.
+
+    Examples
+    --------
+    Graph 2 is graph 1 with its nodes permuted; the matching undoes the permutation:
+
+    >>> import numpy as np
+    >>> from qapfuse import Problem, ipfp
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.random((6, 6))
+    >>> A = A + A.T
+    >>> perm = rng.permutation(6)
+    >>> res = ipfp(Problem.koopmans_beckmann(A, A[np.ix_(perm, perm)]))
+    >>> bool((res.permutation == np.argsort(perm)).all()), res.info["stopped"]
+    (True, 'converged')
 
     References
     ----------
@@ -57,15 +80,15 @@ def ipfp(
            for graph matching and MAP inference", NeurIPS 2009.
     """
     start = time.perf_counter()
+    deadline = None if time_limit is None else start + time_limit
     caller = "ipfp"
     check_problem(problem, caller)
-    check_options(dict(max_iter=max_iter, tol=tol), OPTIONS, caller)
     xp = problem.xp
     v = initial_soft(problem, x0, caller)
     Kv = problem.matvec(v)
     best_x, best_score = None, None
     prev_b, prev_Kb = None, None
-    gap, it = float("inf"), 0
+    gap, it, stopped = float("inf"), 0, "max_iter"
     for it in range(1, max_iter + 1):
         b = hard_projection(problem, Kv)
         # The same discrete point as last step: its product with K is already known.
@@ -95,13 +118,26 @@ def ipfp(
         gap = float(xp.max(xp.abs(score_v - score_b) / denom))
         v, Kv = v + t * d, Kv + t * Kd
         if gap < tol and settled:
+            stopped = "converged"
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            stopped = "time_limit"
             break
     converged = gap < tol
-    if not converged:
+    if stopped == "max_iter" and converged:  # settled in the last step allowed
+        stopped = "converged"
+    if stopped == "max_iter":
         warn_not_converged(
             f"ipfp stopped at max_iter={max_iter} with relative gap {gap:.2e} > tol={tol:g}; "
             "raise max_iter."
         )
     return finish(
-        problem, best_x, soft=v, n_iter=it, converged=converged, start=start, score=best_score
+        problem,
+        best_x,
+        soft=v,
+        n_iter=it,
+        converged=converged,
+        start=start,
+        score=best_score,
+        info={"stopped": stopped},
     )

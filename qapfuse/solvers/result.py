@@ -40,7 +40,9 @@ class MatchResult:
     time : float
         Wall-clock seconds.
     info : mapping
-        Solver-specific extras (e.g. ``"history"``, ``"restarts"``, ``"start"``).
+        Solver-specific extras (e.g. ``"history"``, ``"restarts"``, ``"start"``). Iterative
+        solvers say in ``"stopped"`` why they ended (``"time_limit"`` when their time limit
+        cut them short).
     """
 
     X: Array

@@ -29,10 +29,10 @@ ordered pairs, so its objective is twice this one (plus constants).
 
 from __future__ import annotations
 
-from .gamgm import OPTIONS, gamgm, gamgm_affinity
-from .metrics import accuracy, consistency
-from .result import MultiMatchResult
-from .sync import synchronize
+from ._gamgm import OPTIONS, gamgm, gamgm_affinity
+from ._metrics import accuracy, consistency
+from ._result import MultiMatchResult
+from ._sync import synchronize
 
 __all__ = [
     "OPTIONS",

@@ -11,8 +11,8 @@ import numpy as np
 from ... import backend
 from ...problem import Affinity, DenseAffinity, Problem, SparseAffinity
 from ._inputs import _check_sizes, _float, _pair_keys
+from ._objective import _Group
 from ._pairwise import _pair_indices
-from .objective import _Group
 
 
 def _as_affinity(item: Any, key: tuple[int, int], caller: str) -> tuple[Affinity, int, int]:

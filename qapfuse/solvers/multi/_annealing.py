@@ -6,7 +6,6 @@ in the universe, Hungarian rounding, and the hand-over to the Hungarian phase (`
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import Any
@@ -16,14 +15,15 @@ import numpy as np
 from ... import backend
 from ..._validation import warn_not_converged
 from ...backend import Array
+from .._anneal import Schedule, anneal
 from .._common import normalise
-from ..lap import _hungarian_np, sinkhorn_log
+from .._lap import _hungarian_np
+from .._sinkhorn import Sinkhorn, compiled
 from ._inputs import _row_mask
-from ._sinkhorn import SinkhornWarm
+from ._objective import _KBObjective
+from ._result import MultiMatchResult
 from ._sweeps import _consensus_sweeps, _pair_sweeps
-from .objective import _KBObjective
-from .result import MultiMatchResult
-from .sync import _consistent_universe, _sync_blocks
+from ._sync import _consistent_universe, _sync_blocks
 
 INITS = ("rrwm", "ga", "uniform")
 
@@ -63,7 +63,7 @@ def _run(
 
     # Graduated assignment from each start: all graphs at once (Algorithm 1 of [2], in the
     # universe form); the best rounded answer (or hard start) goes on to the Hungarian phase.
-    stages = max(1, math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9) + 1)
+    schedule = Schedule(tau0, tau_min, decay, max_inner, tol, opts["step"])
     runs = []
     n_iter = 0
     bound, certified = obj.upper_bound(), False
@@ -77,7 +77,7 @@ def _run(
             # the cold update maps this start to itself: annealing would only return to it
             runs.append((s0, U0, U0, [], 0.0, "start (fixed point)"))
             continue
-        U, history, n_it, change = _anneal(obj, U0, mask, square, stages, opts, xp=xp)
+        U, history, n_it, change = _anneal(obj, U0, mask, square, schedule, opts["sk_iter"], xp=xp)
         n_iter += n_it
         U_hard = _round(U, ns, xp=xp)
         runs.append((obj.score(U_hard), U_hard, U, history, change, "annealed"))
@@ -125,37 +125,13 @@ def _is_fixed_point(obj: Any, U: Array, ns: np.ndarray, *, xp: Any) -> bool:
 
 
 def _anneal(
-    obj: Any, U: Array, mask: Array, square: Array, stages: int, opts: dict[str, Any], *, xp: Any
+    obj: Any, U: Array, mask: Array, square: Array, schedule: Schedule, sk_iter: int, *, xp: Any
 ) -> tuple[Array, list[dict[str, Any]], int, float]:
     """The annealing loop: ``U <- (1 - step) U + step sinkhorn(G(U) / tau)``, tau decaying."""
-    tau0, decay, tol, step = opts["tau0"], opts["decay"], opts["tol"], opts["step"]
-    history: list[dict[str, Any]] = []
-    n_iter, change = 0, float("inf")
-    warm = None
-    if backend.is_numpy_array(U) and U.dtype == np.float64:
-        # compiled Sinkhorn whose potentials carry over from one call to the next
-        warm = SinkhornWarm(mask, np.broadcast_to(square, (U.shape[0], 1, 1))[:, 0, 0])
-    for stage in range(stages):
-        tau = tau0 * decay**stage
-        inner = 0
-        for inner in range(1, opts["max_inner"] + 1):
-            G = normalise(obj.grad(U), xp=xp)
-            if warm is not None:
-                U_new, _, _ = warm(G, tau, max_iter=opts["sk_iter"], tol=1e-5)
-            else:
-                log_U, _, _ = sinkhorn_log(
-                    G / tau, mask=mask, square=square, max_iter=opts["sk_iter"], tol=1e-5, xp=xp
-                )
-                U_new = xp.exp(log_U)
-            if step < 1.0:
-                U_new = step * U_new + (1.0 - step) * U
-            change = float(xp.max(xp.abs(U_new - U)))
-            U = U_new
-            n_iter += 1
-            if change < tol:
-                break
-        history.append({"tau": tau, "inner": inner, "change": change, "score": obj.score(U)})
-    return U, history, n_iter, change
+    # numpy float64: compiled Sinkhorn whose potentials carry over from one call to the next
+    project = Sinkhorn(mask, square=square, warm=compiled(U), max_iter=sk_iter, tol=1e-5)
+    run = anneal(lambda U: normalise(obj.grad(U), xp=xp), project, U, schedule, score=obj.score)
+    return run.X, run.history, run.n_iter, run.change
 
 
 def _initial(

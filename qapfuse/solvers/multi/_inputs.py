@@ -12,7 +12,7 @@ from ... import backend
 from ..._validation import check_scalar
 from ...backend import Array
 from ._pairwise import _pad2, _pair_indices, _scatter_pairs
-from .result import MultiMatchResult
+from ._result import MultiMatchResult
 
 
 def _row_mask(ns: np.ndarray, r: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from ... import backend
 from ...backend import Array
 from ...problem import Problem
 from ..result import MatchResult
-from .objective import _Group
+from ._objective import _Group
 
 
 def _pair_indices(m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -20,7 +20,7 @@ def _pair_indices(m: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pairwise_solver(method: str) -> Any:
-    from ..ga import ga
+    from .._ga import ga
     from ..rrwm import rrwm
 
     return {"rrwm": rrwm, "ga": ga}[method]

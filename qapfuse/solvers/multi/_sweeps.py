@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from ... import backend
 from ...backend import Array
 from ...problem import Problem
-from .objective import _KBObjective, _PairObjective
+from ._objective import _KBObjective, _PairObjective
 
 
 def _relayed(relay: Array, U: Array, i: int, ns: np.ndarray, *, xp: Any) -> list[Array]:
@@ -143,7 +143,7 @@ def _pair_sweeps(
 ) -> tuple[Array, float, int]:
     """Re-match each graph to the others (GA proposals on :meth:`local_problems`, kept when
     ``F`` grows), then linearised Hungarian sweeps; repeated while either improves ``F``."""
-    from ..ga import ga
+    from .._ga import ga
 
     best = obj.score(U)
     used = 0
@@ -168,7 +168,7 @@ def _pair_sweeps(
 
 def _proposers() -> list[Any]:
     """Pairwise solvers that propose a new ``U_i`` for every graph (light settings)."""
-    from ..ga import ga
+    from .._ga import ga
     from ..rrwm import rrwm
 
     def ga_light(problem: Problem) -> Any:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
-import numpy as np
-
-from .. import backend
 from .._validation import Option, check_options, warn_not_converged
 from ..problem import Problem
-from ._common import check_problem, finish, hard_projection, initial_soft, normalise, square_mask
-from .lap import sinkhorn_log, sinkhorn_log_warm
+from ._anneal import Schedule, anneal
+from ._common import check_problem, finish, hard_projection, initial_soft, normalise
+from ._sinkhorn import Sinkhorn, compiled
 from .result import MatchResult
 
 __all__ = ["OPTIONS", "ga"]
@@ -27,6 +24,7 @@ OPTIONS: dict[str, Option] = {
     "tol": Option("float", low=0, low_inclusive=False),
     "x0": Option("array", allow_none=True),
     "rng": Option("any", allow_none=True),
+    "time_limit": Option("float", low=0, low_inclusive=False, allow_none=True),
 }
 
 
@@ -42,6 +40,7 @@ def ga(
     tol: float = 1e-3,
     x0: Any = None,
     rng: Any = None,
+    time_limit: float | None = None,
 ) -> MatchResult:
     r"""Graduated assignment: maximise ``vec(X)^T K vec(X)`` by annealed Sinkhorn steps.
 
@@ -76,12 +75,16 @@ def ga(
         Soft start, same library and device as `problem`. Default: uniform ``1 / n2``.
     rng : None, int or Generator, optional
         Accepted for a uniform interface; GA is deterministic.
+    time_limit : float > 0, optional
+        Seconds for the whole call: checked between fixed-point iterations; when it runs out,
+        the current soft matching is rounded (``info["stopped"] == "time_limit"``).
 
     Returns
     -------
     MatchResult
         ``X`` and ``soft`` of shape (n1, n2) or (b, n1max, n2max); ``converged`` is True when
-        the coldest stage met `tol`. ``info["stages"]`` is the number of temperatures.
+        the coldest stage met `tol`. ``info["stages"]`` is the number of temperatures,
+        ``info["stopped"]`` ``"done"`` or ``"time_limit"``.
 
     References
     ----------
@@ -100,6 +103,7 @@ def ga(
             max_inner=max_inner,
             sk_iter=sk_iter,
             tol=tol,
+            time_limit=time_limit,
         ),
         OPTIONS,
         caller,
@@ -108,46 +112,38 @@ def ga(
         raise ValueError(
             f"The 'tau_min' parameter of ga must be <= tau0; got tau_min={tau_min}, tau0={tau0}."
         )
-    xp = problem.xp
+    deadline = None if time_limit is None else start + time_limit
     X = initial_soft(problem, x0, caller)
-    mask, square = problem.mask, square_mask(problem)
-    stages = max(1, math.floor(math.log(tau_min / tau0) / math.log(decay) + 1e-9) + 1)
-    # numpy float64 runs a compiled Sinkhorn; elsewhere (torch, GPU) every Sinkhorn step is a
-    # few kernel launches, so each call starts from the previous column potentials.
-    compiled = backend.is_numpy_array(X) and X.dtype == np.float64
-    g_scaled = None  # last column potentials times tau (potentials scale like 1 / tau)
-    n_iter, change = 0, float("inf")
-    for stage in range(stages):
-        tau = tau0 * decay**stage
-        for _ in range(max_inner):
-            G = normalise(problem.gradient(X), xp=xp, mask=mask)
-            sk = dict(mask=mask, square=square, max_iter=sk_iter, tol=1e-4, xp=xp)
-            if compiled:
-                log_P, _, _ = sinkhorn_log(G / tau, **sk)
-            else:
-                g0 = None if g_scaled is None else g_scaled / tau
-                log_P, g, _, _ = sinkhorn_log_warm(G / tau, g0, **sk)
-                g_scaled = g * tau
-            P = xp.exp(log_P)
-            X_new = P if step == 1.0 else step * P + (1.0 - step) * X
-            change = float(xp.max(xp.abs(X_new - X)))
-            X = X_new
-            n_iter += 1
-            if change < tol:
-                break
-    converged = change < tol
-    if not converged:
+    schedule = Schedule(tau0, tau_min, decay, max_inner, tol, step)
+    # numpy float64 runs a compiled Sinkhorn from cold potentials; elsewhere (torch, GPU)
+    # every Sinkhorn step is a few kernel launches, so each call starts from the last one's.
+    project = Sinkhorn(
+        problem.mask,
+        square=problem.n1 == problem.n2,
+        warm=not compiled(X),
+        max_iter=sk_iter,
+        tol=1e-4,
+    )
+    xp, mask = problem.xp, problem.mask
+    run = anneal(
+        lambda X: normalise(problem.gradient(X), xp=xp, mask=mask),
+        project,
+        X,
+        schedule,
+        deadline=deadline,
+    )
+    if run.stopped == "done" and not run.converged:
         warn_not_converged(
             f"ga stopped at max_inner={max_inner} in its last stage with change "
-            f"{change:.2e} > tol={tol:g}; raise max_inner or lower decay."
+            f"{run.change:.2e} > tol={tol:g}; raise max_inner or lower decay."
         )
-    X_hard = hard_projection(problem, X)
+    X_hard = hard_projection(problem, run.X)
     return finish(
         problem,
         X_hard,
-        soft=X,
-        n_iter=n_iter,
-        converged=converged,
+        soft=run.X,
+        n_iter=run.n_iter,
+        converged=run.converged,
         start=start,
-        info={"stages": stages},
+        info={"stages": schedule.stages, "stopped": run.stopped},
     )

@@ -17,9 +17,9 @@ from ...backend import Array
 from ._affinities import _parse_affinities
 from ._annealing import _run
 from ._inputs import _check_kb, _check_schedule, _check_universe, _row_mask
+from ._objective import _KBObjective, _PairObjective
 from ._pairwise import _pairwise_groups, _pairwise_kb
-from .objective import _KBObjective, _PairObjective
-from .result import MultiMatchResult
+from ._result import MultiMatchResult
 
 #: Declared options of :func:`gamgm` and :func:`gamgm_affinity` (walked by the tests).
 OPTIONS: dict[str, Option] = {

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from ... import backend
 from ...backend import Array
 from ._inputs import _check_universe, _parse_pairs, _row_mask
-from .result import MultiMatchResult
+from ._result import MultiMatchResult
 
 
 def synchronize(

@@ -177,7 +177,7 @@ def graph_matching_problem(*args: Any, **kwargs: Any) -> Problem:
         Its affinity is a :class:`~qapfuse.DenseAffinity` (``format="dense"``), a
         :class:`~qapfuse.affinity.CSRAffinity` (``"sparse"``, numpy; its ``candidates``, bool
         ``(b, n1max, n2max)``, holds the candidate pairs when built with `candidates`, and
-        :func:`~qapfuse.solvers.partial.match_with_outliers` then works on that support only),
+        :func:`~qapfuse.solvers.match_with_outliers` then works on that support only),
         a :class:`~qapfuse.SparseAffinity` (``"sparse"``, torch) or an
         :class:`~qapfuse.affinity.EdgeFactorAffinity` (``"operator"``).
 

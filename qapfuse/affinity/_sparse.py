@@ -49,7 +49,7 @@ class CSRAffinity(SparseGraphAffinity):
     candidates : bool array of shape (b, n1max, n2max), optional
         The candidate pairs ``K`` was built on (``candidates=k`` of the builders): rows and
         columns of other pairs are zero, and
-        :func:`~qapfuse.solvers.partial.match_with_outliers` works on this support only.
+        :func:`~qapfuse.solvers.match_with_outliers` works on this support only.
 
     Attributes
     ----------

@@ -36,8 +36,8 @@ from .. import backend
 from .._validation import Option, check_options
 from ._anneal import Schedule, anneal
 from ._common import normalise
-from .lap import _hungarian_np
-from .multi._sinkhorn import SinkhornWarm
+from ._lap import _hungarian_np
+from ._sinkhorn import Sinkhorn
 
 __all__ = [
     "ANNEAL_OPTIONS",
@@ -155,17 +155,22 @@ class _BlockSinkhorn:
     """
 
     def __init__(self, sizes: Sequence[tuple[int, int]], sk_iter: int):
-        self.sk_iter = sk_iter
-        self.warm = [
-            SinkhornWarm(np.ones((1, r, c), dtype=bool), np.array([r == c])) for r, c in sizes
+        self.states = [
+            Sinkhorn(
+                np.ones((r, c), dtype=bool),
+                square=np.array([r == c]),
+                warm=True,
+                max_iter=sk_iter,
+                tol=1e-5,
+            )
+            for r, c in sizes
         ]
 
     def __call__(self, G: Sequence[np.ndarray], tau: float) -> list[np.ndarray]:
         out = []
-        for g, warm in zip(G, self.warm):
-            g = normalise(np.asarray(g, dtype=np.float64)[None], xp=np, mask=warm.mask)
-            P, _, _ = warm(g, tau, max_iter=self.sk_iter, tol=1e-5)
-            out.append(P[0])
+        for g, state in zip(G, self.states):
+            g = np.asarray(g, dtype=np.float64)[None]
+            out.append(state(normalise(g, xp=np, mask=np.ones(g.shape, dtype=bool))[0], tau))
         return out
 
 

@@ -22,6 +22,14 @@ from qapfuse.solvers._blocks import coordinate_lap, frank_wolfe, solve_blocks
 FORBID = -1e3
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():  # tiny matrices: threads only oversubscribe the busy machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _pair(kernel):
     torch.manual_seed(0)
     a, b = MLP(3, (4, 3), 2), MLP(3, (4, 3), 2)

@@ -49,3 +49,24 @@ __all__ = [
     "to_graph",
     "trace",
 ]
+
+# data, training, fusion and repair (helper F)
+from .data import ImageData, load_dataset, split_dataset, split_indices
+from .fuse import fuse, fuse_aligned
+from .repair import repair_statistics, reset_bn
+from .training import evaluate, predict_ensemble, seeded, train
+
+__all__ += [
+    "ImageData",
+    "evaluate",
+    "fuse",
+    "fuse_aligned",
+    "load_dataset",
+    "predict_ensemble",
+    "repair_statistics",
+    "reset_bn",
+    "seeded",
+    "split_dataset",
+    "split_indices",
+    "train",
+]

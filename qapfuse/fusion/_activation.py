@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._validation import check_scalar
+from .._validation import Option, check_options
 from ..solvers import hungarian
 from .data import as_tensors
 from .spec import PermutationSpec, Segment
@@ -29,6 +29,12 @@ __all__ = ["activation_perms", "channel_points"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PRODUCERS = (nn.Linear, *_CONVS, nn.modules.batchnorm._BatchNorm)
+
+_OPTIONS = {
+    "batch_size": Option("int", low=1),
+    "max_samples": Option("int", low=1, allow_none=True),
+}
+_DEFAULTS: dict[str, Any] = {"batch_size": 256, "max_samples": 2048}
 
 # A hook point: (module name, "input" or "output", channel dim, segments of that axis).
 Point = tuple[str, str, int, tuple[Segment, ...]]
@@ -157,9 +163,9 @@ def activation_perms(
     spec: PermutationSpec,
     data: Any,
     *,
-    batch_size: int = 256,
-    max_samples: int | None = 2048,
-    progress: Any = None,
+    rng: Any = None,
+    progress: Callable[[int, int], Any] | None = None,
+    **options: Any,
 ) -> list[dict[str, np.ndarray]]:
     """Activation matching: one permutation per free group per model, into model 0's order.
 
@@ -171,12 +177,15 @@ def activation_perms(
         The traced spec of the architecture (with sizes).
     data : Tensor, TensorDataset or a pair (x, y)
         Inputs to run (labels are ignored); the first `max_samples` are used.
-    batch_size : int >= 1
-        Inputs per forward pass.
-    max_samples : int >= 1 or None
-        Cap on the number of inputs (None: all).
+    rng : optional
+        Accepted for the interface shared by all alignment methods; activation matching is
+        deterministic.
     progress : callable, optional
         Called as ``progress(done, total)`` after every batch.
+    **options
+        ``batch_size`` (int >= 1, default 256): inputs per forward pass; ``max_samples``
+        (int >= 1 or None, default 2048): cap on the number of inputs used. Unknown options
+        raise ``TypeError``.
 
     Returns
     -------
@@ -213,18 +222,28 @@ def activation_perms(
     >>> bool((perms[1]["layers.0"] == inverse).all())
     True
     """
-    if isinstance(models, nn.Module) or not isinstance(models, Sequence) or len(models) < 1:
-        raise TypeError("The 'models' parameter of activation_perms must be a list of modules.")
+    if (
+        isinstance(models, nn.Module)
+        or not isinstance(models, Sequence)
+        or len(models) < 1
+        or not all(isinstance(m, nn.Module) for m in models)
+    ):
+        raise TypeError(
+            "The 'models' parameter of activation_perms must be a list of torch.nn.Module "
+            "(activation matching runs the models; state dicts are not enough)."
+        )
     if not isinstance(spec, PermutationSpec) or spec.sizes is None:
         raise TypeError(
             "The 'spec' parameter of activation_perms must be a PermutationSpec with sizes."
         )
+    if data is None:
+        raise ValueError(
+            "Activation matching needs `data`: a batch of inputs to run the models on."
+        )
     x, _ = as_tensors(data, "data", "activation_perms", labels=False)
-    check_scalar(batch_size, "batch_size", "activation_perms", integer=True, low=1,
-                 low_inclusive=True)  # fmt: skip
+    opts = {**_DEFAULTS, **check_options(options, _OPTIONS, "activation_perms")}
+    batch_size, max_samples = opts["batch_size"], opts["max_samples"]
     if max_samples is not None:
-        check_scalar(max_samples, "max_samples", "activation_perms", integer=True, low=1,
-                     low_inclusive=True)  # fmt: skip
         x = x[:max_samples]
     points = channel_points(models[0], spec)
     covered = {s.group for *_, segs in points for s in segs}

@@ -227,12 +227,7 @@ def align(
             res = solve_blocks(op, rng=gen, progress=bar.stage, **opts)
         perms = op.perms_from_blocks(res.X)
         n_iter = res.n_iter
-        info.update(
-            history=res.info["history"],
-            rounded_score=res.info["rounded_score"],
-            sweeps=res.info["sweeps"],
-            converged=res.converged,
-        )
+        info.update(converged=res.converged, **res.info)
     elif method == "c2m3":
         inner = op if kernel == "inner" else operator(nets, "inner", w)
         res = frank_wolfe(inner, rng=gen, **opts)

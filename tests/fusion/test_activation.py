@@ -100,3 +100,9 @@ def test_bad_arguments_are_named():
         activation_perms([model, model], spec, inputs_for("mlp"), batch_size=0)
     with pytest.raises(TypeError, match="'spec' parameter of activation_perms"):
         activation_perms([model, model], None, inputs_for("mlp"))
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'batchsize' \(did you mean"):
+        activation_perms([model, model], spec, inputs_for("mlp"), batchsize=3)
+    with pytest.raises(ValueError, match="needs `data`"):
+        activation_perms([model, model], spec, None)
+    with pytest.raises(TypeError, match="state dicts are not enough"):
+        activation_perms([model, model.state_dict()], spec, inputs_for("mlp"))

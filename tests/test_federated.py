@@ -186,3 +186,58 @@ def test_run_federated_errors(digits):
     with pytest.raises(TypeError, match="ImageData"):
         run_federated((digits.x_train, digits.y_train))
     assert "fedavg" in AGGREGATORS
+
+
+# -- the command line and packaging ---------------------------------------------------------------
+
+
+def test_cli_fl_local_writes_a_report_and_refuses_to_overwrite_it(tmp_path, capsys):
+    from qapfuse.cli import main
+
+    args = [
+        "fl",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--aggregators",
+        "fedavg",
+        "--hidden",
+        "8",
+        "--out",
+        str(tmp_path),
+        "-q",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fedavg: final accuracy" in out and (tmp_path / "rounds.csv").exists()
+    assert main(args) == 2
+    assert "pass --force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--clients", "5000"], "--clients=5000 exceeds the"),
+        (["--alpha", "0"], "--alpha must be a float > 0"),
+        (["--aggregators", "fedavg,gamff"], "unknown aggregator 'gamff'"),
+        (["--engine", "ray"], "unknown engine 'ray'"),
+        (["--dataset", "mnist"], "--data-root"),
+    ],
+)
+def test_cli_fl_errors_are_one_line(tmp_path, capsys, flags, message):
+    from qapfuse.cli import main
+
+    assert main(["fl", "--out", str(tmp_path / "r"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qapfuse: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_flower_extra_is_declared():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("flwr[simulation]>=1.22") for r in extras["flower"])

@@ -165,9 +165,12 @@ def test_flower_simulation_engine_matches_the_local_engine(local_rows):
 
 
 def _gone(pids):
-    for pid in pids:  # each daemon leads its own process group: nothing of it may remain
+    from qapfuse.fusion.deployment import group_members
+
+    for pid in pids:  # each daemon leads its own process group: nothing of it may still run
+        assert group_members(pid) == [], pid
         with pytest.raises(ProcessLookupError):
-            os.killpg(pid, 0)
+            os.kill(pid, 0)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from .._validation import check_choice
 from .federated import AGGREGATORS, FederatedResult
 from .flower import DEFAULT_CONFIG, FLOWER_ENV, read_metrics, write_app
 
-__all__ = ["DeploymentError", "run_deployment"]
+__all__ = ["DeploymentError", "group_members", "run_deployment"]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,36 @@ def _tail(path: Path, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes in process group `pgid`.
+
+    Reads ``/proc`` where there is one; elsewhere returns ``[pgid]`` while the group can still
+    be signalled.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the process group of `proc` (a daemon we started in its own session), then wait;
-    SIGKILL the group if it does not stop within `grace` seconds."""
+    """SIGTERM the process group of `proc` (a daemon we started in its own session), wait for
+    it; SIGKILL what is left of the group after `grace` seconds, and wait until it is empty."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -100,15 +127,21 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             log.warning("process %d did not stop after SIGTERM; killing it", proc.pid)
-    # The group may still hold children (a flwr-clientapp) after its leader exited.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    deadline = time.monotonic() + grace
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        # children of the daemon (a flwr-clientapp) may outlive it
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.2)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
-        pass
+        log.warning("process %d is still running after SIGKILL", proc.pid)
+    left = group_members(proc.pid)
+    if left:
+        log.warning("processes %s of group %d are still running", left, proc.pid)
 
 
 def _run_id(text: str) -> int | None:

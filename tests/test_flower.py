@@ -157,8 +157,8 @@ def _same_accuracies(rows, local_rows, aggregators):
 def test_flower_simulation_engine_matches_the_local_engine(local_rows):
     from qapfuse.fusion.flower import simulate
 
-    res = simulate(CONFIG, aggregators=["fedavg", "weight"])
-    _same_accuracies(res.records, local_rows, ["fedavg", "weight"])
+    res = simulate(CONFIG, aggregators=["weight"])  # one Ray start (~10 s of each run here)
+    _same_accuracies(res.records, local_rows, ["weight"])
     weight_rows = [r for r in res.records if r["aggregator"] == "weight" and r["round"] > 0]
     assert all(r["clients"] == 3 and r["rejected"] == 0 for r in weight_rows)
     assert all(not math.isnan(r["non_identity"]) for r in weight_rows)

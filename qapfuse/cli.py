@@ -561,7 +561,14 @@ def _run_fl(args: argparse.Namespace) -> int:
             if args.engine == "flower":
                 from .fusion.flower import simulate
 
-                result = simulate(config, aggregators=aggregators)
+                flwr_log = logging.getLogger("flwr")
+                old_level = flwr_log.level
+                if args.verbose == 0:  # Flower's own per-round log: with -v only
+                    flwr_log.setLevel(logging.WARNING)
+                try:
+                    result = simulate(config, aggregators=aggregators)
+                finally:
+                    flwr_log.setLevel(old_level)
             else:
                 from .fusion.deployment import run_deployment
 

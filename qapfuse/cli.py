@@ -212,7 +212,11 @@ def _add_fl_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
     fl.add_argument(
         "--one-shot",
         action="store_true",
-        help="one round; each client trains from its own initialisation",
+        help=(
+            "round 1: each client trains from its own initialisation and the server fuses "
+            "them; later rounds are FedAvg fine-tuning from the fused model (--rounds 1: "
+            "fusion only)"
+        ),
     )
     fl.add_argument(
         "--aggregators", default="fedavg,gamf,weight", help="comma-separated (default %(default)s)"

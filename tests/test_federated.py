@@ -164,11 +164,12 @@ def test_local_engine_three_clients_two_rounds_is_deterministic(digits):
 
 
 def test_one_shot_from_independent_inits(digits, tmp_path):
-    res = _run(digits, one_shot=True, rounds=5)
+    res = _run(digits, one_shot=True, rounds=2)
     rows = {r["aggregator"]: r for r in res.records if r["round"] == 1}
     assert set(rows) == {"fedavg", "weight", "ensemble"}
-    assert max(r["round"] for r in res.records) == 1
     assert rows["weight"]["non_identity"] > 0.3  # independent inits: units are shuffled
+    # round 2 fine-tunes the fused model with FedAvg: no matching, so no non-identity figure
+    assert math.isnan(res.final("weight")["non_identity"]) and res.final("weight")["round"] == 2
     paths = write_report(res, tmp_path)
     with open(tmp_path / "rounds.csv") as fh:
         table = list(csv.DictReader(fh))

@@ -195,3 +195,18 @@ def test_failed_deployment_raises_and_cleans_up(tmp_path):
         run_deployment(bad, aggregators=["fedavg"], workdir=tmp_path, started=pids, timeout=300)
     assert len(pids) == 3
     _gone(pids)
+
+
+def test_one_shot_strategy_fuses_round_one_and_averages_later(setting):
+    spec, sd, clients = setting
+    replies = [_reply(1, _content(clients[0], 1)), _reply(2, _content(clients[1], 1))]
+    strategy = MatchingFedAvg(method="weight", spec=spec, rng=0, one_shot=True)
+    strategy.global_state = {k: v.clone() for k, v in sd.items()}
+    first, _ = strategy.aggregate_train(1, replies)
+    torch.testing.assert_close(
+        first.to_torch_state_dict()["layers.0.weight"], sd["layers.0.weight"]
+    )
+    strategy.global_state = {k: v.clone() for k, v in sd.items()}
+    later, metrics = strategy.aggregate_train(2, replies)
+    assert not torch.allclose(later.to_torch_state_dict()["layers.0.weight"], sd["layers.0.weight"])
+    assert math.isnan(metrics["non-identity"])

@@ -433,7 +433,7 @@ def run_federated(
     clients : int >= 1
         Number of clients ``K`` (at most the number of training samples).
     rounds : int >= 1
-        Communication rounds ``R`` (one-shot: 1).
+        Communication rounds ``R``.
     local_epochs : int >= 1
         Epochs of local Adam training per round.
     split : {"iid", "dirichlet", "label-skew"}
@@ -444,8 +444,10 @@ def run_federated(
     aggregators : sequence of str
         Names from ``AGGREGATORS``; each gets its own run from the same initial model.
     one_shot : bool
-        One round in which every client trains from its own initialisation (seed
-        ``seed + 1 + k``) instead of the global model: the setting where matching pays off.
+        Round 1: every client trains from its own initialisation (seed ``seed + 1 + k``)
+        instead of the global model, and the server fuses them with the aggregator: the
+        setting where matching pays off. Rounds 2..R are then FedAvg rounds started from the
+        fused model (fine-tuning); ``rounds=1`` is pure one-shot fusion.
     model : {"mlp", "cnn"}
     hidden : sequence of int
         Hidden widths of the MLP.
@@ -490,8 +492,6 @@ def run_federated(
         check_scalar(value, name, caller, integer=True, low=1, low_inclusive=True)
     check_scalar(seed, "seed", caller, integer=True, low=0, low_inclusive=True)
     check_scalar(fraction, "fraction", caller, low=0, high=1)
-    if one_shot:
-        rounds = 1
     factory, x_train, x_test = build_model(model, data, hidden=hidden)
     parts = client_splits(data.y_train, clients, split, alpha, seed)
     sizes = [len(p) for p in parts]
@@ -530,8 +530,9 @@ def run_federated(
         if r == 1 and k in cache:
             return cache[k][0], cache[k][1]
         t0 = time.perf_counter()
-        net = seeded(factory, seed + 1 + k) if one_shot else factory()
-        if not one_shot:
+        own_init = one_shot and r == 1
+        net = seeded(factory, seed + 1 + k) if own_init else factory()
+        if not own_init:
             net.load_state_dict(global_state)
         idx = torch.from_numpy(parts[k])
         train(
@@ -567,7 +568,7 @@ def run_federated(
                     state,
                     updates,
                     [sizes[k] for k in chosen],
-                    method=name,
+                    method="fedavg" if one_shot and r > 1 else name,
                     spec=spec,
                     rng=train_seed(seed, r, 0),
                     **dict(align_options or {}),
@@ -611,7 +612,7 @@ def run_federated(
         from .training import predict_ensemble
 
         nets = []
-        for k in eligible:
+        for k in (k for k in eligible if k in cache):
             net = factory()
             net.load_state_dict(cache[k][0])
             nets.append(net)

@@ -108,6 +108,9 @@ class MatchingFedAvg(FedAvg):
         Seed of the alignment (combined with the round number).
     align_options : mapping, optional
         Options of the alignment method.
+    one_shot : bool
+        The clients of round 1 start from their own initialisations: `method` fuses them, and
+        later rounds (fine-tuning from the fused model) use plain FedAvg.
     **kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
         ``min_available_nodes``, ...). Weights come from ``weighted_by_key``
@@ -132,6 +135,7 @@ class MatchingFedAvg(FedAvg):
         spec: PermutationSpec | None = None,
         rng: int | None = None,
         align_options: Mapping[str, Any] | None = None,
+        one_shot: bool = False,
         **kwargs: Any,
     ) -> None:
         check_choice(method, "method", "MatchingFedAvg", AGGREGATORS)
@@ -142,6 +146,7 @@ class MatchingFedAvg(FedAvg):
         self.spec = spec
         self.seed = rng
         self.align_options = dict(align_options or {})
+        self.one_shot = bool(one_shot)
         self.global_state: dict[str, torch.Tensor] | None = None
         self.rounds: dict[int, dict[str, Any]] = {}
         self._round_start: dict[int, float] = {}
@@ -182,11 +187,12 @@ class MatchingFedAvg(FedAvg):
             counts.append(count)
             contents.append(msg.content)
         seed = None if self.seed is None else train_seed(self.seed, server_round, 0)
+        method = "fedavg" if self.one_shot and server_round > 1 else self.method
         out = aggregate(
             self.global_state,
             updates,
             counts,
-            method=self.method,
+            method=method,
             spec=self.spec,
             rng=seed,
             **self.align_options,
@@ -292,7 +298,7 @@ def client_app(config: Mapping[str, Any] | None = None) -> ClientApp:
         parts = client_splits(data.y_train, n_parts, cfg["split"], float(cfg["alpha"]), seed)
         idx = torch.from_numpy(parts[pid])
         server_round = int(msg.content["config"]["server-round"])
-        if cfg["one-shot"]:
+        if cfg["one-shot"] and server_round == 1:
             net = seeded(factory, seed + 1 + pid)
         else:
             net = factory()
@@ -337,12 +343,13 @@ def server_app(config: Mapping[str, Any] | None = None) -> ServerApp:
         seed = int(cfg["seed"])
         init = seeded(factory, seed)
         clients = int(cfg["num-clients"])
-        rounds = 1 if cfg["one-shot"] else int(cfg["num-server-rounds"])
+        rounds = int(cfg["num-server-rounds"])
         fraction = float(cfg["fraction-train"])
         strategy = MatchingFedAvg(
             method=cfg["aggregator"],
             spec=trace(init, x_train[:2]),
             rng=seed,
+            one_shot=bool(cfg["one-shot"]),
             fraction_train=fraction,
             fraction_evaluate=0.0,
             min_train_nodes=max(1, math.ceil(fraction * clients)),

@@ -667,15 +667,27 @@ def write_report(result: FederatedResult, out: str | Path) -> list[Path]:
     except ModuleNotFoundError:
         log.warning("matplotlib is not installed: no accuracy.png (pip install 'qapfuse[bench]')")
         return paths
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["aggregator"] for r in result.records):
+    # Distinct markers and dashes: aggregators that agree (multi-round FL often does) overlap.
+    styles = [("o", "-", 8), ("s", "--", 6), ("^", ":", 5), ("D", "-.", 4), ("v", "--", 3)]
+    names = list(dict.fromkeys(r["aggregator"] for r in result.records))
+    for k, name in enumerate(names):
         rows = [r for r in result.records if r["aggregator"] == name]
         if name == "ensemble":
             ax.axhline(rows[0]["accuracy"], ls="--", color="gray", label="client ensemble")
-        else:
-            ax.plot(
-                [r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name
-            )
+            continue
+        marker, ls, size = styles[k % len(styles)]
+        ax.plot(
+            [r["round"] for r in rows],
+            [r["accuracy"] for r in rows],
+            marker=marker,
+            ls=ls,
+            markersize=size,
+            label=name,
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     cfg = result.config
     ax.set(
         xlabel="round",

@@ -86,3 +86,12 @@ def test_training_arguments_are_checked(digits):
         evaluate(small_cnn(0), digits.x_test)
     with pytest.raises(TypeError, match="'models' parameter of predict_ensemble"):
         predict_ensemble(small_cnn(0), digits.test)
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked(digits, capsys):
+    data = (digits.x_train[:64], digits.y_train[:64])
+    train(small_cnn(0), data, batch_size=32, progress=False)
+    assert capsys.readouterr().err == ""
+    train(small_cnn(0), data, batch_size=32, progress=True)
+    captured = capsys.readouterr()
+    assert "train:" in captured.err and "/2 " in captured.err and captured.out == ""

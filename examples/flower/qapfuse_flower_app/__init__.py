@@ -1,0 +1,1 @@
+"""qapfuse Flower App."""

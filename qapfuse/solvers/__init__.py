@@ -14,7 +14,6 @@ from .. import backend
 from .._validation import Option, check_choice, check_options, check_scalar, options_of
 from ..errors import ConvergenceWarning
 from ..problem import Problem
-from . import _ga
 from . import local as _local
 from . import pipeline as _pipeline
 from ._common import check_problem, kicked, random_soft
@@ -71,7 +70,7 @@ class _Method:
 
 METHODS: dict[str, _Method] = {
     "auto": _Method(auto, _pipeline.OPTIONS),
-    "ga": _Method(ga, _ga.OPTIONS, continuous=True),
+    "ga": _Method(ga, options_of(ga), continuous=True),
     "rrwm": _Method(rrwm, options_of(rrwm), continuous=True),
     "ipfp": _Method(ipfp, options_of(ipfp), continuous=True),
     "sm": _Method(sm, options_of(sm), continuous=True),

@@ -451,7 +451,9 @@ def test_universe_errors():
 
 def test_bad_types_and_options():
     A = np.ones((3, 4, 4))
-    with pytest.raises(TypeError, match="unexpected keyword argument 'tau_0'"):
+    with pytest.raises(
+        TypeError, match=r"gamgm got unknown option\(s\) 'tau_0' \(did you mean 'tau0'"
+    ):
         gamgm(A, **{"tau_0": 0.1})
     with pytest.raises(ValueError, match="'init' parameter of gamgm must be one of"):
         gamgm(A, init="spectral")

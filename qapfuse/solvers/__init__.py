@@ -14,7 +14,7 @@ from .. import backend
 from .._validation import Option, check_choice, check_options, check_scalar, options_of
 from ..errors import ConvergenceWarning
 from ..problem import Problem
-from . import _ga, _local, _pipeline
+from . import _local, _pipeline
 from ._common import check_problem, kicked, random_soft
 from ._ga import ga
 from ._lap import hungarian, sinkhorn
@@ -69,7 +69,7 @@ class _Method:
 
 METHODS: dict[str, _Method] = {
     "auto": _Method(auto, _pipeline.OPTIONS),
-    "ga": _Method(ga, _ga.OPTIONS, continuous=True),
+    "ga": _Method(ga, options_of(ga), continuous=True),
     "rrwm": _Method(rrwm, options_of(rrwm), continuous=True),
     "ipfp": _Method(ipfp, options_of(ipfp), continuous=True),
     "sm": _Method(sm, options_of(sm), continuous=True),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .._validation import Option, check_options, warn_not_converged
+from .._validation import Option, check_options, validate_options, warn_not_converged
 from ..problem import Problem
 from ._anneal import Schedule, anneal
 from ._common import check_problem, finish, hard_projection, initial_soft, normalise
@@ -28,6 +28,7 @@ OPTIONS: dict[str, Option] = {
 }
 
 
+@validate_options(OPTIONS)
 def ga(
     problem: Problem,
     *,

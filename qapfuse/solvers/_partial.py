@@ -33,7 +33,14 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .. import backend
-from .._validation import Option, check_finite, check_options, check_scalar, warn_not_converged
+from .._validation import (
+    Option,
+    check_finite,
+    check_options,
+    check_scalar,
+    validate_options,
+    warn_not_converged,
+)
 from ..backend import Array
 from ..problem import Problem
 from ._anneal import AnnealResult, Schedule, anneal
@@ -278,6 +285,7 @@ def _normalise_rows(G: Array, n1: np.ndarray, *, xp: Any) -> Array:
     return G / xp.astype(backend.asarray_on(scale, xp=xp, device=backend.device(G)), G.dtype)
 
 
+@validate_options(OPTIONS)
 def match_with_outliers(
     problem: Problem,
     *,

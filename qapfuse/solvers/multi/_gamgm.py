@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ... import backend
-from ..._validation import Option, check_options
+from ..._validation import Option, check_options, validate_options
 from ...backend import Array
 from ._affinities import _parse_affinities
 from ._annealing import _run
@@ -45,6 +45,7 @@ _OPTIONS_KB: dict[str, Option] = {
 AUTO_PAIRS_BUDGET = 100_000
 
 
+@validate_options(_OPTIONS_KB)
 def gamgm(
     A: Array,
     W: Array | None = None,
@@ -250,6 +251,7 @@ def gamgm(
     return _run(obj, ns_np, n, d, opts, pairwise, caller, start, xp=xp, dtype=dtype, device=dev)
 
 
+@validate_options(OPTIONS)
 def gamgm_affinity(
     K: Any,
     ns: Any = None,

@@ -1,7 +1,18 @@
 """qapfuse: quadratic assignment, graph matching and neural-network fusion on numpy and torch.
 
-The solver core (this namespace) works on numpy, torch and other array-API arrays; the
-fusion layer lives in :mod:`qapfuse.fusion` (it needs torch).
+This namespace holds the QAP core: :func:`solve` and the problems (:class:`Problem` and its
+affinity operators), the solvers it dispatches to (:func:`auto`, :func:`ga`, :func:`rrwm`,
+:func:`ipfp`, :func:`sm`, :func:`two_opt`, :func:`tabu`), the linear assignment tools
+(:func:`hungarian`, :func:`sinkhorn`), :func:`match_with_outliers` and the result type. They
+work on numpy, torch and other array-API arrays. The rest lives in its own namespace:
+
+* :mod:`qapfuse.affinity` -- building ``K`` from graphs (``build_aff_mat``,
+  ``graph_matching_problem``, matrix-free edge affinities);
+* :mod:`qapfuse.solvers` -- everything above plus the lower-level pieces (``sinkhorn_slack``,
+  ``partial_hungarian``, the method registry);
+* :mod:`qapfuse.solvers.multi` -- multi-graph matching (``gamgm``, ``synchronize``, ...);
+* :mod:`qapfuse.io.qaplib` -- QAPLIB files; :mod:`qapfuse.graphs` -- graph generators;
+* :mod:`qapfuse.fusion` -- networks as graphs, alignment and fusion (needs torch).
 
 The names below are imported on first use (PEP 562): ``import qapfuse`` and ``qapfuse
 --version`` load neither Numba, scipy nor torch, and ``from qapfuse import solve`` loads
@@ -18,8 +29,6 @@ __version__ = "0.1.0"
 # Each public name and the submodule that defines it. The ``if TYPE_CHECKING`` block at the
 # end says the same for type checkers and IDEs; tests/test_import.py checks that they agree.
 _EXPORTS: dict[str, str] = {
-    "build_aff_mat": "affinity",
-    "graph_matching_problem": "affinity",
     "ConvergenceWarning": "errors",
     "ConstantAffinity": "problem",
     "DenseAffinity": "problem",
@@ -28,24 +37,16 @@ _EXPORTS: dict[str, str] = {
     "Problem": "problem",
     "SparseAffinity": "problem",
     "SumAffinity": "problem",
-    "METHODS": "solvers",
     "MatchResult": "solvers",
-    "MultiMatchResult": "solvers",
     "auto": "solvers",
-    "consistency": "solvers",
     "ga": "solvers",
-    "gamgm": "solvers",
-    "gamgm_affinity": "solvers",
     "hungarian": "solvers",
     "ipfp": "solvers",
     "match_with_outliers": "solvers",
-    "partial_hungarian": "solvers",
     "rrwm": "solvers",
     "sinkhorn": "solvers",
-    "sinkhorn_slack": "solvers",
     "sm": "solvers",
     "solve": "solvers",
-    "synchronize": "solvers",
     "tabu": "solvers",
     "two_opt": "solvers",
 }
@@ -84,7 +85,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .affinity import build_aff_mat, graph_matching_problem  # noqa: F401
     from .errors import ConvergenceWarning  # noqa: F401
     from .problem import (  # noqa: F401
         ConstantAffinity,
@@ -96,24 +96,16 @@ if TYPE_CHECKING:
         SumAffinity,
     )
     from .solvers import (  # noqa: F401
-        METHODS,
         MatchResult,
-        MultiMatchResult,
         auto,
-        consistency,
         ga,
-        gamgm,
-        gamgm_affinity,
         hungarian,
         ipfp,
         match_with_outliers,
-        partial_hungarian,
         rrwm,
         sinkhorn,
-        sinkhorn_slack,
         sm,
         solve,
-        synchronize,
         tabu,
         two_opt,
     )

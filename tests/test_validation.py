@@ -12,20 +12,19 @@ import qapfuse
 from qapfuse import ConvergenceWarning, Problem, solve
 from qapfuse._validation import Option, options_of, validate_options, warn_not_converged
 from qapfuse.backend import namespace_of, rng_from
-from qapfuse.solvers import METHODS, local, multi, pipeline
+from qapfuse.solvers import METHODS, multi
 
-# Every public solver and its option table. Functions decorated with validate_options carry
-# their table; local search and auto (not decorated yet) keep a hand-written module table,
-# checked here all the same.
+# Every public solver beyond solve's registry; each is decorated with validate_options and
+# carries its own table.
 _TABLES = {
-    "two_opt": (qapfuse.two_opt, local.OPTIONS_TWO_OPT),
-    "tabu": (qapfuse.tabu, local.OPTIONS_TABU),
-    "auto": (qapfuse.auto, pipeline.OPTIONS),
+    "two_opt": (qapfuse.two_opt, None),
+    "tabu": (qapfuse.tabu, None),
+    "auto": (qapfuse.auto, None),
+    "sinkhorn": (qapfuse.sinkhorn, None),
     "match_with_outliers": (qapfuse.match_with_outliers, None),
     "gamgm_affinity": (multi.gamgm_affinity, None),
     "gamgm": (multi.gamgm, None),
 }
-# Not walked yet: qapfuse.sinkhorn has no option table (it needs one in solvers/_lap.py).
 
 
 def _public_solvers():

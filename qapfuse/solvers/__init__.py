@@ -14,7 +14,7 @@ from .. import backend
 from .._validation import Option, check_choice, check_options, check_scalar, options_of
 from ..errors import ConvergenceWarning
 from ..problem import Problem
-from . import _local, _pipeline
+from . import _local
 from ._common import check_problem, kicked, random_soft
 from ._ga import ga
 from ._lap import hungarian, sinkhorn
@@ -68,13 +68,13 @@ class _Method:
 
 
 METHODS: dict[str, _Method] = {
-    "auto": _Method(auto, _pipeline.OPTIONS),
+    "auto": _Method(auto, options_of(auto)),
     "ga": _Method(ga, options_of(ga), continuous=True),
     "rrwm": _Method(rrwm, options_of(rrwm), continuous=True),
     "ipfp": _Method(ipfp, options_of(ipfp), continuous=True),
     "sm": _Method(sm, options_of(sm), continuous=True),
-    "two_opt": _Method(two_opt, _local.OPTIONS_TWO_OPT),
-    "tabu": _Method(tabu, _local.OPTIONS_TABU),
+    "two_opt": _Method(two_opt, options_of(two_opt)),
+    "tabu": _Method(tabu, options_of(tabu)),
 }
 REFINERS = ("two_opt", "tabu")
 

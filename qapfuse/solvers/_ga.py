@@ -23,7 +23,6 @@ OPTIONS: dict[str, Option] = {
     "sk_iter": Option("int", low=1),
     "tol": Option("float", low=0, low_inclusive=False),
     "x0": Option("array", allow_none=True),
-    "rng": Option("any", allow_none=True),
     "time_limit": Option("float", low=0, low_inclusive=False, allow_none=True),
 }
 
@@ -40,7 +39,6 @@ def ga(
     sk_iter: int = 100,
     tol: float = 1e-3,
     x0: Any = None,
-    rng: Any = None,
     time_limit: float | None = None,
 ) -> MatchResult:
     r"""Graduated assignment: maximise ``vec(X)^T K vec(X)`` by annealed Sinkhorn steps.
@@ -74,8 +72,6 @@ def ga(
         makes finer tolerances rarely worth their iterations).
     x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
         Soft start, same library and device as `problem`. Default: uniform ``1 / n2``.
-    rng : None, int or Generator, optional
-        Accepted for a uniform interface; GA is deterministic.
     time_limit : float > 0, optional
         Seconds for the whole call: checked between fixed-point iterations; when it runs out,
         the current soft matching is rounded (``info["stopped"] == "time_limit"``).

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .. import backend
-from .._validation import check_finite, check_scalar, warn_not_converged
+from .._validation import Option, check_finite, validate_options, warn_not_converged
 from ..backend import Array
 from ._sinkhorn import Sinkhorn
 
@@ -78,6 +78,14 @@ def _hungarian_np(S: np.ndarray, n1: np.ndarray, n2: np.ndarray) -> np.ndarray:
     return X
 
 
+SINKHORN_OPTIONS: dict[str, Option] = {
+    "tau": Option("float", low=0, low_inclusive=False),
+    "max_iter": Option("int", low=1),
+    "tol": Option("float", low=0, low_inclusive=False),
+}
+
+
+@validate_options(SINKHORN_OPTIONS)
 def sinkhorn(
     S: Array,
     n1: Any = None,
@@ -134,9 +142,6 @@ def sinkhorn(
     """
     caller = "sinkhorn"
     xp = backend.namespace_of(S, name="S")
-    check_scalar(tau, "tau", caller)
-    check_scalar(max_iter, "max_iter", caller, integer=True, low=1, low_inclusive=True)
-    check_scalar(tol, "tol", caller)
     S, batched, a1, a2 = _scores_and_sizes(S, n1, n2, caller, xp=xp)
     check_finite(S, "S", xp=xp)
     flip = a1 > a2

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from .. import backend
-from .._validation import Option, check_options, warn_not_converged
+from .._validation import Option, check_options, validate_options, warn_not_converged
 from ..problem import Problem
 from ._common import check_problem
 from ._local_runner import LocalSearch, deadline_in, warm_up
@@ -58,6 +58,7 @@ def _check_common(
 # ----------------------------------------------------------------------------------------------
 
 
+@validate_options(OPTIONS_TWO_OPT)
 def two_opt(
     problem: Problem,
     *,
@@ -155,6 +156,7 @@ def two_opt(
     )
 
 
+@validate_options(OPTIONS_TABU)
 def tabu(
     problem: Problem,
     *,

@@ -66,7 +66,6 @@ OPTIONS: dict[str, Option] = {
     "sk_iter": Option("int", low=1),
     "tol": Option("float", low=0, low_inclusive=False),
     "x0": Option("array", allow_none=True),
-    "rng": Option("any", allow_none=True),
     "time_limit": Option("float", low=0, low_inclusive=False, allow_none=True),
 }
 
@@ -297,7 +296,6 @@ def match_with_outliers(
     sk_iter: int = 50,
     tol: float = 1e-3,
     x0: Any = None,
-    rng: Any = None,
     time_limit: float | None = None,
 ) -> MatchResult:
     r"""Graduated assignment with slack: a partial matching where outliers stay unmatched.
@@ -330,8 +328,6 @@ def match_with_outliers(
         Largest entry change that ends a temperature stage.
     x0 : array of shape (n1, n2) or (b, n1max, n2max), optional
         Soft start (default uniform ``1 / n2``).
-    rng : optional
-        Accepted for a uniform interface; the method is deterministic.
     time_limit : float > 0, optional
         Seconds for the whole call: checked between fixed-point iterations; when it runs out,
         the current soft matching is rounded (``info["stopped"] == "time_limit"``).

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend
-from .._validation import Option, check_options
+from .._validation import Option, validate_options
 from ..errors import ConvergenceWarning
 from ..problem import Problem
 from ._common import check_problem, hard_score, initial_soft, random_soft
@@ -54,6 +54,7 @@ def _ipfp_steps(n: int, batch: int, seconds: float) -> int:
     return int(min(50, math.floor(seconds / per_step)))
 
 
+@validate_options(OPTIONS)
 def auto(
     problem: Problem,
     *,
@@ -131,7 +132,6 @@ def auto(
     start = time.perf_counter()
     caller = "auto"
     check_problem(problem, caller)
-    check_options(dict(time_limit=time_limit), OPTIONS, caller)
     T = DEFAULT_TIME_LIMIT if time_limit is None else float(time_limit)
     gen = backend.rng_from(rng, caller=caller)
     if x0 is not None:
@@ -139,7 +139,7 @@ def auto(
 
     form = local_search_form(problem)
     if form is None:
-        res = ga(problem, x0=x0, rng=gen)
+        res = ga(problem, x0=x0)
         info = {**res.info, "form": "ga", "rounds": 1, "starts": ["ga"]}
         return dataclasses.replace(res, info=info, time=time.perf_counter() - start)
 

@@ -52,7 +52,7 @@ def _widths(values: Sequence[int], name: str, caller: str) -> tuple[int, ...]:
 
 
 class MLP(nn.Module):
-    """Multi-layer perceptron ``in_features -> hidden... -> out_features`` with ReLU.
+    """Multi-layer perceptron (``in_features``, the ``hidden`` widths, ``out_features``) with ReLU.
 
     Parameters
     ----------

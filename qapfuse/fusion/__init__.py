@@ -1,9 +1,13 @@
 """Model fusion: networks as permutation-symmetric weighted graphs.
 
-Part 1 (this package so far): :func:`trace` derives a :class:`PermutationSpec` from a model,
-:func:`permute` applies channel permutations, :func:`to_graph` / :func:`from_graph` turn a
-state dict into a :class:`NetworkGraph` and back; :func:`align` puts 2..N models into one
-common channel order (GAMF and first-order baselines). See ``docs/fusion.md``.
+:func:`trace` derives a :class:`PermutationSpec` from a model, :func:`permute` applies channel
+permutations, :func:`to_graph` / :func:`from_graph` turn a state dict into a
+:class:`NetworkGraph` and back; :func:`align` puts 2..N models into one common channel order
+(GAMF and first-order baselines) and :func:`fuse` averages them into one network (with optional
+BatchNorm reset or REPAIR). :func:`load_dataset`, :func:`train` and :func:`evaluate` serve the
+applications: :mod:`qapfuse.fusion.ensemble` (compact ensembles) and
+:mod:`qapfuse.fusion.federated` / :mod:`qapfuse.fusion.flower` (federated learning). See
+``docs/fusion.md``, ``docs/fuse.md``, ``docs/ensembles.md`` and ``docs/federated.md``.
 """
 
 try:

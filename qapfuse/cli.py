@@ -433,7 +433,7 @@ def _method_options(pairs: Sequence[str], method: str) -> dict[str, Any]:
     Unknown keys pass through as text, so that ``solve`` refuses them with its own message
     (valid names and the closest match).
     """
-    from . import METHODS
+    from .solvers import METHODS
 
     declared = METHODS[method].options
     options: dict[str, Any] = {}
@@ -465,8 +465,9 @@ def _in_cli_terms(message: str, options: Sequence[str]) -> str:
 def _run_solve(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from . import METHODS, Problem, solve
+    from . import Problem, solve
     from .io import qaplib
+    from .solvers import METHODS
 
     method = _check_name(args.method, "method", list(METHODS))
     refine = None if args.refine is None else _check_name(args.refine, "refine", REFINERS)

@@ -1,7 +1,8 @@
 """Every ```python block of the README and the guides runs (one namespace per file, in order).
 
-Scripts that read command-line arguments (a benchmark's own script) are fenced ```python3 and
-are run by the person reproducing the benchmark, not here.
+Blocks fenced ```python3 are not run here: scripts that reproduce a benchmark (they read
+command-line arguments and run for minutes), and snippets that need files outside the package
+(MNIST from a data folder) or a deployment around them (a Flower strategy inside a ServerApp).
 """
 
 from __future__ import annotations

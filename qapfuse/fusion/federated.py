@@ -652,6 +652,7 @@ def write_report(result: FederatedResult, out: str | Path) -> list[Path]:
         The files written (the PNG only when matplotlib is installed; else a warning).
     """
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "rounds.csv"
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=METRICS)

@@ -124,6 +124,11 @@ def _parse_pairs(
                 f"`{name}` in {caller} must have shape (m, m, n, n); got {tuple(Xb.shape)}."
             )
         m, n = Xb.shape[0], Xb.shape[2]
+        if m < 2 or n < 1:
+            raise ValueError(
+                f"`{name}` in {caller} must hold matchings between at least 2 graphs of at "
+                f"least 1 node; got shape {tuple(Xb.shape)}."
+            )
         ns_np = _check_sizes(ns, m, n, caller)
         rows = _row_mask(ns_np, n)
         keep = rows[:, None, :, None] & rows[None, :, None, :]

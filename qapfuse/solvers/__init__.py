@@ -17,15 +17,15 @@ from ..problem import Problem
 from . import _local
 from ._common import check_problem, kicked, random_soft
 from ._ga import ga
+from ._ipfp import ipfp
 from ._lap import hungarian, sinkhorn
 from ._local import tabu, two_opt
 from ._partial import match_with_outliers, partial_hungarian, sinkhorn_slack, sinkhorn_slack_sparse
 from ._pipeline import auto
-from .ipfp import ipfp
+from ._rrwm import rrwm
+from ._sm import sm
 from .multi import MultiMatchResult, consistency, gamgm, gamgm_affinity, synchronize
 from .result import MatchResult
-from .rrwm import rrwm
-from .sm import sm
 
 __all__ = [
     "METHODS",

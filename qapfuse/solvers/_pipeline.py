@@ -17,8 +17,8 @@ from ..errors import ConvergenceWarning
 from ..problem import Problem
 from ._common import check_problem, hard_score, initial_soft, random_soft
 from ._ga import ga
+from ._ipfp import ipfp
 from ._local_runner import LocalSearch, deadline_in, local_search_form, share_deadline, warm_up
-from .ipfp import ipfp
 from .result import MatchResult, make_result
 
 __all__ = ["OPTIONS", "auto"]

@@ -21,7 +21,7 @@ def _pair_indices(m: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _pairwise_solver(method: str) -> Any:
     from .._ga import ga
-    from ..rrwm import rrwm
+    from .._rrwm import rrwm
 
     return {"rrwm": rrwm, "ga": ga}[method]
 

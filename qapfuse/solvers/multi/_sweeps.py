@@ -169,7 +169,7 @@ def _pair_sweeps(
 def _proposers() -> list[Any]:
     """Pairwise solvers that propose a new ``U_i`` for every graph (light settings)."""
     from .._ga import ga
-    from ..rrwm import rrwm
+    from .._rrwm import rrwm
 
     def ga_light(problem: Problem) -> Any:
         return ga(problem, tau0=0.05, tau_min=0.005, decay=0.4, max_inner=5, sk_iter=30)

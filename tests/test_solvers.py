@@ -381,3 +381,16 @@ def test_a_refined_start_needs_no_convergence_warning():
         res = solve(p, "rrwm", refine="two_opt", max_iter=2, rng=0)
     assert not refined
     assert res.info["start_converged"] is False
+
+
+def test_solve_logs_one_progress_line_per_restart(caplog):
+    import logging
+
+    from qapfuse.io import qaplib
+
+    problem = Problem.from_qaplib(qaplib.example_path("nug12"))
+    with caplog.at_level(logging.INFO, logger="qapfuse"):
+        res = solve(problem, "ga", refine="two_opt", restarts=3, rng=0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("solve(ga")]
+    assert len(lines) == res.info["restarts"] == 3
+    assert lines[-1].endswith(f"best so far {res.objective:.10g}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -26,6 +27,8 @@ from ._rrwm import rrwm
 from ._sm import sm
 from .multi import MultiMatchResult, consistency, gamgm, gamgm_affinity, synchronize
 from .result import MatchResult
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
@@ -198,6 +201,17 @@ def solve(
         n_iter += res.n_iter
         runs += 1
         best = res if best is None else _better(best, res, problem)
+        if restarts > 1 and _log.isEnabledFor(logging.INFO):  # progress for `qapfuse -v solve`
+            _log.info(
+                "solve(%s%s): run %d/%d done at %.2f s: objective %s, best so far %s",
+                method,
+                "" if refine is None else f" + {refine}",
+                run + 1,
+                restarts,
+                time.perf_counter() - start,
+                _fmt(res.objective),
+                _fmt(best.objective),
+            )
     assert best is not None  # restarts >= 1 guarantees one run
     info = dict(best.info)
     info["restarts"] = runs
@@ -222,6 +236,11 @@ def _warm_up(func: Callable[..., MatchResult], problem: Problem) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         func(Problem.koopmans_beckmann(eye, eye))
+
+
+def _fmt(objective: Any) -> str:
+    """An objective (one value or one per instance) for a log line."""
+    return ", ".join(f"{v:.10g}" for v in np.atleast_1d(backend.to_numpy(objective)))
 
 
 def _better(a: MatchResult, b: MatchResult, problem: Problem) -> MatchResult:

@@ -12,6 +12,7 @@ and benchmarks the ImageNet ones. All of them trace with :func:`qapfuse.fusion.t
 ``resnet18``, ...      (``resnet50``) residual nets with 1x1 downsample shortcuts
 ``ConvLayerNormNet``   convs with LayerNorm over (C, H, W) and a channels-last block
                        (LayerNorm over C, a pointwise Linear, a residual add)
+``SmallCNN``           two 3x3 conv + max-pool stages and one Linear (the fusion benchmark)
 =====================  ===========================================================
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "ConvLayerNormNet",
     "LeNet",
     "ResNet",
+    "SmallCNN",
     "resnet18",
     "resnet20",
     "resnet50",
@@ -420,3 +422,51 @@ class ConvLayerNormNet(nn.Module):
         y = self.act(self.pw(y)).permute(0, 3, 1, 2)
         x = x + y
         return self.head(x.mean(dim=(2, 3)))
+
+
+class SmallCNN(nn.Module):
+    """The small CNN of the fusion benchmark: two 3x3 conv + ReLU + 2x2 max-pool stages, a Linear.
+
+    ``conv(in -> c1, 3x3, pad 1) -> ReLU -> maxpool 2 -> conv(c1 -> c2, 3x3, pad 1) -> ReLU ->
+    maxpool 2 -> flatten -> Linear(c2 * (input_size // 4)**2 -> num_classes)``.
+
+    Parameters
+    ----------
+    in_channels : int
+        Input channels; inputs have shape (N, in_channels, input_size, input_size).
+    num_classes : int
+        Outputs have shape (N, num_classes).
+    channels : (int, int)
+        Output channels of the two convs (default 16 and 32).
+    input_size : int
+        Height and width of the input (at least 4): 8 for the embedded digits, 28 for MNIST.
+
+    Examples
+    --------
+    >>> SmallCNN(input_size=8)(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        *,
+        channels: Sequence[int] = (16, 32),
+        input_size: int = 28,
+    ) -> None:
+        super().__init__()
+        c1, c2 = _widths(channels, "channels", "SmallCNN")
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 4:
+            raise ValueError(
+                f"The 'input_size' parameter of SmallCNN must be an int >= 4. Got {input_size!r}."
+            )
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        side = input_size // 2 // 2
+        self.fc = nn.Linear(c2 * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(torch.flatten(x, 1))

@@ -1,0 +1,177 @@
+"""align(): permuted copies recovered, N-model consistency, objective vs weight matching, errors."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from fusion_zoo import make, traced
+
+from qapfuse.fusion import Alignment, SpecError, align, permute, random_permutations, trace
+from qapfuse.fusion.models import MLP
+
+FAST = {"tau0": 0.5, "tau_min": 0.05, "decay": 0.5, "max_inner": 5}  # a short schedule
+METHODS = ("gamf", "weight", "merge_many", "c2m3")
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _common(models, spec, res):
+    return [permute(m, spec, p) for m, p in zip(models, res.perms)]
+
+
+def _options(method):
+    return FAST if method == "gamf" else {}
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet", "vgg11_bn", "resnet20", "convln"])
+@pytest.mark.parametrize("method", METHODS)
+def test_permuted_copy_is_aligned_exactly(name, method):
+    model, _ = make(name)
+    spec = traced(name)
+    copy_ = permute(model, spec, random_permutations(spec, rng=3))
+    res = align([model, copy_], method=method, spec=spec, rng=0, **_options(method))
+    a, b = _common([model.state_dict(), copy_], spec, res)
+    assert _same(a, b)
+    assert isinstance(res, Alignment) and res.method == method
+    if method == "gamf":  # the annealing itself found it, not only the identity start's polish
+        assert res.info["candidates"]["annealed"] == pytest.approx(res.objective)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "node"])
+@pytest.mark.parametrize("name", ["mlp", "lenet"])
+def test_second_order_kernels_align_a_permuted_copy(name, kernel):
+    model, _ = make(name)
+    spec = traced(name)
+    copy_ = permute(model, spec, random_permutations(spec, rng=4))
+    res = align([model, copy_], kernel=kernel, spec=spec, rng=0, **FAST)
+    assert _same(*_common([model.state_dict(), copy_], spec, res))
+    assert res.kernel == kernel
+    assert res.info["candidates"]["annealed"] == pytest.approx(res.objective)
+
+
+def test_none_is_the_identity_and_scores_lower_on_a_shuffled_copy():
+    model, _ = make("mlp")
+    spec = traced("mlp")
+    copy_ = permute(model, spec, random_permutations(spec, rng=5))
+    none = align([model, copy_], method="none", spec=spec)
+    assert all(np.array_equal(p, np.arange(p.size)) for d in none.perms for p in d.values())
+    assert align([model, copy_], spec=spec, rng=0, **FAST).objective > none.objective
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_three_shuffled_copies_are_aligned_together(method):
+    model, _ = make("mlp")
+    spec = traced("mlp")
+    models = [model.state_dict()] + [
+        permute(model, spec, random_permutations(spec, rng=s)) for s in (6, 7)
+    ]
+    res = align(models, method=method, spec=spec, rng=0, **_options(method))
+    common = _common(models, spec, res)
+    assert _same(common[0], common[1]) and _same(common[0], common[2])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_n_model_alignment_is_cycle_consistent(method):
+    torch.manual_seed(0)
+    models = [MLP(6, (5, 4), 3) for _ in range(3)]
+    spec = trace(models[0], torch.zeros(1, 6))
+    res = align(models, method=method, spec=spec, rng=0, **_options(method))
+
+    def pair(p, q, g):  # channel of q matched to each channel of p
+        match = np.empty(spec.sizes[g], dtype=np.int64)
+        match[res.perms[p][g]] = res.perms[q][g]
+        return match
+
+    for g in spec.free_groups:
+        for p in range(3):
+            assert np.array_equal(np.sort(res.perms[p][g]), np.arange(spec.sizes[g]))
+        assert np.array_equal(pair(1, 2, g)[pair(0, 1, g)], pair(0, 2, g))
+
+
+def test_gamf_inner_objective_is_at_least_weight_matchings():
+    values = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        a, b = MLP(12, (10, 8), 4), MLP(12, (10, 8), 4)
+        spec = trace(a, torch.zeros(1, 12))
+        g = align([a, b], spec=spec, rng=0)
+        w = align([a, b], method="weight", spec=spec, rng=0)
+        values.append((g.objective, w.objective))
+        assert g.objective >= w.objective - 1e-12, values
+
+
+def test_inputs_are_not_modified():
+    model, _ = make("mlp")
+    spec = traced("mlp")
+    copy_ = permute(model, spec, random_permutations(spec, rng=1))
+    before = [copy.deepcopy(model.state_dict()), {k: v.clone() for k, v in copy_.items()}]
+    align([model, copy_], spec=spec, rng=0, **FAST)
+    assert _same(model.state_dict(), before[0]) and _same(copy_, before[1])
+
+
+def test_traces_with_example_input():
+    model, x = make("mlp")
+    res = align([model, copy.deepcopy(model)], example_input=x, method="weight")
+    assert res.spec == traced("mlp")
+
+
+def test_errors_name_the_argument():
+    model, _ = make("mlp")
+    spec = traced("mlp")
+    two = [model, copy.deepcopy(model)]
+    with pytest.raises(ValueError, match=r"'method' parameter of align.*Did you mean 'gamf'"):
+        align(two, spec=spec, method="gamf2")
+    with pytest.raises(ValueError, match="'kernel' parameter of align"):
+        align(two, spec=spec, kernel="gauss")
+    with pytest.raises(TypeError, match=r"unknown option.*'tau00' \(did you mean 'tau0'\?\)"):
+        align(two, spec=spec, tau00=1.0)
+    with pytest.raises(TypeError, match=r"unknown option.*'tau0'"):
+        align(two, spec=spec, method="weight", tau0=1.0)
+    with pytest.raises(ValueError, match="'tau0' parameter of align must be a float > 0"):
+        align(two, spec=spec, tau0=-1.0)
+    with pytest.raises(ValueError, match="at least 2 models"):
+        align([model], spec=spec)
+    with pytest.raises(ValueError, match="'spec' or an 'example_input'"):
+        align(two)
+    for bad in ([1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="'weights' parameter of align"):
+            align(two, spec=spec, weights=bad)
+    wide = MLP(20, (9, 6), 3)
+    with pytest.raises(SpecError, match=r"'layers.0.weight'.*\(9, 20\).*\(8, 20\)"):
+        align([model, wide], spec=spec)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["layers.2.bias"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"models\[1\]\['layers.2.bias'\] .* NaN or Inf"):
+        align([model, sd], spec=spec)
+    with pytest.raises(TypeError, match="'models' parameter of align"):
+        align(model, spec=spec)
+
+
+def test_gaussian_on_large_conv_edges_refuses_with_the_budget():
+    model, _ = make("lenet")
+    with pytest.raises(
+        ValueError, match=r"'conv1.weight'.*needs 16 kernel values.*max_kernel_evals=10"
+    ):
+        align([model, model], spec=traced("lenet"), kernel="gaussian", max_kernel_evals=10)
+
+
+def test_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys):
+    model, _ = make("mlp")
+    two = [model, copy.deepcopy(model)]
+    align(two, spec=traced("mlp"), progress=True, **FAST)
+    assert "align gamf" in capsys.readouterr().err
+    align(two, spec=traced("mlp"), progress=False, **FAST)
+    assert capsys.readouterr().err == ""
+
+
+def test_activation_method_dispatches_to_activation_matching():
+    model, _ = make("mlp")
+    spec = traced("mlp")
+    shuffled = copy.deepcopy(model)
+    shuffled.load_state_dict(permute(model, spec, random_permutations(spec, rng=2)))
+    res = align([model, shuffled], method="activation", spec=spec, data=torch.randn(64, 20))
+    assert res.method == "activation"
+    assert _same(*_common([model.state_dict(), shuffled], spec, res))

@@ -1,0 +1,84 @@
+"""Edge kernels of the network QAP: the Gaussian expansion's bound, the exact sums, sigma."""
+
+import numpy as np
+import pytest
+import torch
+
+from qapfuse.fusion._kernels import (
+    ExactGaussianPair,
+    FeaturePair,
+    gaussian_features,
+    median_sigma,
+)
+
+
+def _edges(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
+
+
+def _brute(Wp, Wq, sigma, Y):
+    d2 = ((Wp[:, :, None, None, :] - Wq[None, None, :, :, :]) ** 2).sum(-1)
+    K = torch.exp(-d2 / sigma)
+    return torch.einsum("ijab,jb->ia", K, Y), K
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-8])
+def test_scalar_gaussian_expansion_is_within_its_stated_bound(tol):
+    Wp, Wq = _edges(0, (7, 5, 1)), _edges(1, (7, 5, 1)) + 0.2
+    sigma = median_sigma([Wp.reshape(-1, 1), Wq.reshape(-1, 1)])
+    (Fp, Fq), T, bound = gaussian_features([Wp, Wq], sigma, tol, 500)
+    assert bound <= tol and Fp.shape == (7, 5, T + 1)
+    Y = torch.rand(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact, K = _brute(Wp, Wq, sigma, Y)
+    approx = FeaturePair(Fp, Fq).apply(Y)
+    err = float((approx - exact).abs().max())
+    assert err <= bound * float(Y.sum()) + 1e-12
+    # and the expansion is not trivially exact: one order fewer breaks the bound
+    if T > 1:
+        lower = torch.einsum("ijt,abt->ijab", Fp[..., :-1], Fq[..., :-1])
+        assert float((lower - K).abs().max()) > 0.0
+
+
+def test_exact_gaussian_pair_matches_brute_force_in_both_directions():
+    Wp, Wq = _edges(3, (6, 4, 9)), _edges(4, (6, 4, 9))
+    pair = ExactGaussianPair(Wp, Wq, sigma=2.0)
+    pair.rows = 2  # force several chunks
+    Y = torch.rand(4, 4, dtype=torch.float64)
+    Z = torch.rand(6, 6, dtype=torch.float64)
+    exact, K = _brute(Wp, Wq, 2.0, Y)
+    torch.testing.assert_close(pair.apply(Y), exact)
+    torch.testing.assert_close(pair.apply_t(Z), torch.einsum("ijab,ia->jb", K, Z))
+
+
+def test_inner_feature_pair_is_the_weight_matching_product():
+    Wp, Wq = _edges(5, (3, 4, 2)), _edges(6, (3, 4, 2))
+    Y, Z = torch.rand(4, 4, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64)
+    pair = FeaturePair(Wp, Wq)
+    want = sum(Wp[..., t] @ Y @ Wq[..., t].T for t in range(2))
+    torch.testing.assert_close(pair.apply(Y), want)
+    torch.testing.assert_close(
+        pair.apply_t(Z), sum(Wp[..., t].T @ Z @ Wq[..., t] for t in range(2))
+    )
+
+
+def test_median_sigma_is_the_median_of_cross_model_squared_distances():
+    F = [_edges(s, (30, 3)) for s in range(3)]
+    d2 = [
+        ((F[p][:, None] - F[q][None]) ** 2).sum(-1).reshape(-1)
+        for p in range(3)
+        for q in range(p + 1, 3)
+    ]
+    assert median_sigma(F) == pytest.approx(float(torch.cat(d2).median()), rel=0.02)
+    exact = float(np.median(torch.cat(d2).numpy()))
+    assert median_sigma(F) == pytest.approx(exact, rel=1e-12)
+    # sampled above max_pairs: deterministic and close
+    s1, s2 = median_sigma(F, max_pairs=600), median_sigma(F, max_pairs=600)
+    assert s1 == s2 and s1 == pytest.approx(exact, rel=0.15)
+    assert median_sigma([torch.zeros(4, 1), torch.zeros(4, 1)]) == 1.0
+
+
+def test_expansion_refuses_past_max_terms():
+    W = [_edges(0, (4, 4, 1)), _edges(1, (4, 4, 1))]
+    with pytest.raises(ValueError, match="max_terms=3"):
+        gaussian_features(W, 1e-3, 1e-8, 3)

@@ -234,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernels of gamf, one row each (default all)",
     )
     p.add_argument(
+        "--kernel-option",
+        dest="kernel_options",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="an option of the Gaussian kernel for align, e.g. max_terms=400 (repeatable: "
+        "sigma, expansion_tol, max_terms, max_kernel_evals)",
+    )
+    p.add_argument(
         "--repair",
         nargs="*",
         choices=REPAIRS,
@@ -292,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="digits, a tiny MLP, 2 models, 1 seed, none and weight (smoke test)",
     )
     return p
+
+
+def _key_value(text: str) -> tuple[str, float | int]:
+    """``KEY=VALUE`` with a numeric value (int when it reads as one)."""
+    key, sep, raw = text.partition("=")
+    if not sep or key not in ("sigma", "expansion_tol", "max_terms", "max_kernel_evals"):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with KEY one of sigma, expansion_tol, max_terms, "
+            f"max_kernel_evals; got {text!r}"
+        )
+    try:
+        return key, int(raw)
+    except ValueError:
+        pass
+    try:
+        return key, float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key} must be a number; got {raw!r}") from None
 
 
 # -- models and data ---------------------------------------------------------------------------
@@ -552,25 +580,34 @@ def _seed_rows(
         try:
             t0 = time.perf_counter()
             res = align(models, method=method, kernel=kernel, example_input=example, spec=spec,
-                        rng=seed, **opts)  # fmt: skip
+                        rng=seed, **opts, **(_kernel_opts(args, method, kernel) or {}))  # fmt: skip
             align_s = time.perf_counter() - t0
-            spec = res.spec
-            row = {**base, "method": label, "align_s": align_s, "n_iter": res.n_iter,
-                   "objective": res.objective, f"objective_{kernel}": res.objective}  # fmt: skip
-            if method != "gamf":
-                # the same matching (same method and seed) scored on each gamf kernel
-                for other in kernels:
-                    if other != kernel:
-                        again = align(models, method=method, kernel=other, spec=spec, rng=seed,
-                                      **opts)  # fmt: skip
-                        _check_same(res, again, label)
-                        row[f"objective_{other}"] = again.objective
         except (ValueError, TypeError, RuntimeError, MemoryError) as exc:
-            # e.g. an exact Gaussian over a layer too large for the kernel budget: that
-            # method's rows are left out (and logged), the others still run
+            # e.g. a Gaussian expansion that needs more terms than allowed: this method's
+            # rows are left out (and logged), the others still run
             log.warning("fusion: %s seed %d: %s failed: %s", _setting_text(setting), seed,
                         label, " ".join(str(exc).split()))  # fmt: skip
             continue
+        spec = res.spec
+        row = {**base, "method": label, "align_s": align_s, "n_iter": res.n_iter,
+               "objective": res.objective, f"objective_{kernel}": res.objective}  # fmt: skip
+        for other in kernels if method != "gamf" else ():
+            if other == kernel:
+                continue
+            # the same matching (same method and seed) scored on each gamf kernel
+            kopts = _kernel_opts(args, method, other)
+            if kopts is None:
+                continue
+            try:
+                again = align(models, method=method, kernel=other, spec=spec, rng=seed, **opts,
+                              **kopts)  # fmt: skip
+            except (ValueError, TypeError, RuntimeError, MemoryError) as exc:
+                log.warning("fusion: %s seed %d: %s not scored on kernel %s: %s",
+                            _setting_text(setting), seed, label, other,
+                            " ".join(str(exc).split()))  # fmt: skip
+                continue
+            _check_same(res, again, label)
+            row[f"objective_{other}"] = again.objective
         fused = fuse_aligned(models, res)
         acc, loss = evaluate(fused, test)
         if label == REFERENCE:
@@ -621,6 +658,18 @@ def _seed_rows(
             "wall_s": time.perf_counter() - t_start,
         }
     )
+
+
+def _kernel_opts(args: argparse.Namespace, method: str, kernel: str) -> dict[str, Any] | None:
+    """``--kernel-option`` values for `kernel` (the Gaussian's only).
+
+    None where `method` cannot take them: ``align(method="activation")`` passes its options to
+    activation matching, so with kernel options its Gaussian objective is not scored (a
+    default-kernel number would not be comparable).
+    """
+    if kernel != "gaussian" or not args.kernel_options:
+        return {}
+    return None if method == "activation" else dict(args.kernel_options)
 
 
 def _check_same(a: Any, b: Any, label: str) -> None:
@@ -1130,11 +1179,14 @@ def run(argv: Sequence[str]) -> int:
     parser = build_parser()
     argv = list(argv)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.dataset, args.arch, args.n_models, args.split = ["digits"], ["mlp"], [2], ["same"]
-        args.settings, args.hidden, args.seeds, args.epochs = None, [32, 16], 1, 10
-        args.restarts, args.finetune_epochs = 1, min(args.finetune_epochs, 1)
-        args.methods = [m for m in args.methods if m in ("none", "weight")] or ["weight"]
+    if args.quick:  # a tiny run; options given explicitly are kept
+        quick = {"dataset": ["digits"], "arch": ["mlp"], "n_models": [2], "split": ["same"],
+                 "hidden": [32, 16], "seeds": 1, "epochs": 10, "restarts": 1,
+                 "methods": ["none", "weight"]}  # fmt: skip
+        for key, value in quick.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+        args.settings = None
     _check_args(args, parser)
     requested = _settings(args, parser)
     if any(s[2] < 2 for s in requested):

@@ -1083,8 +1083,12 @@ def r_is_method(name: str) -> bool:
 def _plot(plt: Any, summary: list[dict[str, Any]]) -> None:
     """One-shot accuracy per method (mean and std over seeds), one panel per setting."""
     settings = list(dict.fromkeys(r["setting"] for r in summary))
-    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False)
-    for ax, text in zip(axes[0], settings):
+    cols = min(len(settings), 4)
+    rows = -(-len(settings) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(settings) :]:
+        ax.set_visible(False)
+    for ax, text in zip(axes.flat, settings):
         sub = [
             r
             for r in summary

@@ -27,6 +27,7 @@ its "gradient" holds ``S`` fixed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,21 +115,23 @@ class NetData:
         )
 
 
-def net_data(graphs: Sequence[NetworkGraph]) -> NetData:
-    """Gather N models' :class:`NetworkGraph` s (one spec) into a :class:`NetData` (float64)."""
+def net_data(graphs: Sequence[NetworkGraph], dtype: torch.dtype = torch.float64) -> NetData:
+    """Gather N models' :class:`NetworkGraph` s (one spec) into a :class:`NetData` of `dtype`."""
     g0 = graphs[0]
     edges = []
     for k, e in enumerate(g0.edges):
         if e.out_group in g0.fixed and e.in_group in g0.fixed:
             continue  # a constant of the objective
         edges.append(
-            (e.out_group, e.in_group, e.key, [g.edges[k].features.double() for g in graphs])
+            (e.out_group, e.in_group, e.key, [g.edges[k].features.to(dtype) for g in graphs])
         )
     nodes: dict[str, list[torch.Tensor]] = {}
     for g in g0.free_groups:
         idx = [k for k, n in enumerate(g0.nodes) if n.group == g]
         if idx:
-            nodes[g] = [torch.cat([gr.nodes[k].features.double() for k in idx], 1) for gr in graphs]
+            nodes[g] = [
+                torch.cat([gr.nodes[k].features.to(dtype) for k in idx], 1) for gr in graphs
+            ]
     return NetData(dict(g0.groups), frozenset(g0.fixed), edges, nodes)
 
 
@@ -173,6 +176,7 @@ class NetworkQAP(BlockQAP):
         max_kernel_evals: float = 5e8,
     ):
         self.data, self.kernel = data, kernel
+        self.dtype = data.edges[0][3][0].dtype if data.edges else torch.float64
         N = data.n_models
         self.N = N
         w = np.ones(N) if pair_weights is None else np.asarray(pair_weights, dtype=np.float64)
@@ -186,6 +190,7 @@ class NetworkQAP(BlockQAP):
         self._node_aff: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         self._cache: dict[tuple[int, str, int, int], torch.Tensor] = {}
         self._self_loops = {o for o, i, _, _ in data.edges if o == i}
+        self._memo: dict[tuple, torch.Tensor] = {}
         if kernel == "node":
             return
         for o, i, key, F in data.edges:
@@ -210,6 +215,7 @@ class NetworkQAP(BlockQAP):
         n_o, n_in, f = F[0].shape
         if f == 1:
             Phi, T, bound = gaussian_features(F, s, tol, max_terms)
+            Phi = [phi.to(self.dtype) for phi in Phi]
             self.info["terms"][key] = T + 1
             self.info["bound"] = max(self.info["bound"], bound)
             return {(p, q): FeaturePair(Phi[p], Phi[q]) for p, q, _ in self.pairs}
@@ -234,7 +240,9 @@ class NetworkQAP(BlockQAP):
     def _U(self, X: Sequence[np.ndarray], k: int, g: str) -> torch.Tensor | None:
         """``U_k^g`` as a tensor, or None for the identity (model 0, fixed groups)."""
         b = self.index.get((k, g))
-        return None if b is None else torch.from_numpy(np.asarray(X[b], dtype=np.float64))
+        if b is None:
+            return None
+        return torch.from_numpy(np.asarray(X[b], dtype=np.float64)).to(self.dtype)
 
     def _X(self, X: Sequence[np.ndarray], p: int, q: int, g: str) -> torch.Tensor | None:
         """``X_pq^g = U_p U_q^T``, or None for the identity."""
@@ -251,12 +259,26 @@ class NetworkQAP(BlockQAP):
         """``apply`` (or ``apply_t``) of edge set `n`, pair (p, q); identity inputs cached."""
         kern = self._edge_pairs[n][(p, q)]
         if Y is not None:
-            return kern.apply_t(Y) if transpose else kern.apply(Y)
+            # coordinate sweeps ask again for products whose input has not changed since
+            memo = (
+                n,
+                transpose,
+                p,
+                q,
+                hashlib.blake2b(Y.numpy().tobytes(), digest_size=16).digest(),
+            )
+            if memo in self._memo:
+                return self._memo[memo]
+            R = kern.apply_t(Y) if transpose else kern.apply(Y)
+            self._memo[memo] = R
+            if len(self._memo) > 4 * max(1, len(self.data.edges)):
+                self._memo.pop(next(iter(self._memo)))
+            return R
         key = (n, "t" if transpose else "o", p, q)
         if key not in self._cache:
             o, i = self.data.edges[n][:2]
             size = self.data.groups[o if transpose else i]
-            eye = torch.eye(size, dtype=torch.float64)
+            eye = torch.eye(size, dtype=self.dtype)
             self._cache[key] = kern.apply_t(eye) if transpose else kern.apply(eye)
         return self._cache[key]
 
@@ -321,7 +343,7 @@ class NetworkQAP(BlockQAP):
                     add(q, g, aff[(p, q)], p, w, True)
         out: list[np.ndarray | None] = [None] * len(self.blocks)
         for b in want:
-            out[b] = G[b].numpy() if b in G else np.zeros(self.sizes[b])
+            out[b] = G[b].double().numpy() if b in G else np.zeros(self.sizes[b])
         return out
 
     def _similarity(self, X: Sequence[np.ndarray], p: int, q: int, g: str) -> torch.Tensor:

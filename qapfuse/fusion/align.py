@@ -33,6 +33,7 @@ _KERNEL_OPTIONS = {
     "expansion_tol": Option("float", low=0, low_inclusive=False),
     "max_terms": Option("int", low=1),
     "max_kernel_evals": Option("float", low=0, low_inclusive=False),
+    "precision": Option("choice", choices=("float64", "float32")),
 }
 _METHOD_OPTIONS: dict[str, dict[str, Option]] = {
     "gamf": {**ANNEAL_OPTIONS},
@@ -141,8 +142,9 @@ def align(
         Input for :func:`~qapfuse.fusion.trace` when `spec` is not given.
     spec : PermutationSpec, optional
     weights : sequence of float, optional
-        Model weights (>= 0, not all 0): pair ``(p, q)`` counts ``w_p w_q`` in the objective,
-        and MergeMany's means are weighted. Default: uniform.
+        Model weights (>= 0, not all 0), rescaled to mean 1: pair ``(p, q)`` counts
+        ``w_p w_q`` in the objective, and MergeMany's means are weighted. Default: uniform
+        (every pair counts once).
     rng : None, int or numpy.random.Generator
         Start noise and block orders; same seed, same answer.
     data : optional
@@ -155,7 +157,8 @@ def align(
         ``max_sweeps``, ``time_limit``; ``merge_many``: ``max_rounds``, ``max_sweeps``;
         ``c2m3``: ``max_iter``, ``tol``, ``max_sweeps``, ``time_limit``) and kernel options
         (``sigma``, ``expansion_tol`` (default 1e-6), ``max_terms`` (200),
-        ``max_kernel_evals`` (5e8)).
+        ``max_kernel_evals`` (5e8), ``precision``: ``"float64"`` (default) or ``"float32"``,
+        the arithmetic of the kernel products, about twice as fast on large networks).
 
     Returns
     -------
@@ -209,7 +212,8 @@ def align(
         valid = {**_METHOD_OPTIONS[method], **_KERNEL_OPTIONS}
         opts = check_options(options, valid, caller)
         kern_opts = {k: opts.pop(k) for k in list(opts) if k in _KERNEL_OPTIONS}
-    nets = net_data([to_graph(sd, spec) for sd in sds])
+    precision = kern_opts.pop("precision", "float64")
+    nets = net_data([to_graph(sd, spec) for sd in sds], getattr(torch, precision))
     n_params = sum(int(t.numel()) for t in sds[0].values())
     show = n_params > _LONG if progress is None else bool(progress)
     gen = backend.rng_from(rng, caller=caller)
@@ -380,7 +384,7 @@ def _state_dicts(models: Any, caller: str) -> list[Mapping[str, torch.Tensor]]:
 
 def _weights(weights: Any, N: int, caller: str) -> np.ndarray:
     if weights is None:
-        return np.full(N, 1.0 / N)
+        return np.ones(N)
     try:
         w = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError):
@@ -398,7 +402,7 @@ def _weights(weights: Any, N: int, caller: str) -> np.ndarray:
             f"The 'weights' parameter of {caller} must be finite, >= 0 and not all 0. "
             f"Got {w.tolist()} instead."
         )
-    return w / w.sum()
+    return w / w.mean()  # uniform weights: all 1, the unweighted objective
 
 
 def _spec(models, sds, spec, example_input, caller) -> PermutationSpec:

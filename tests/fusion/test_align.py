@@ -175,3 +175,28 @@ def test_activation_method_dispatches_to_activation_matching():
     res = align([model, shuffled], method="activation", spec=spec, data=torch.randn(64, 20))
     assert res.method == "activation"
     assert _same(*_common([model.state_dict(), shuffled], spec, res))
+
+
+def test_float32_products_give_the_same_alignment():
+    model, _ = make("lenet")
+    spec = traced("lenet")
+    shuffled = permute(model, spec, random_permutations(spec, rng=8))
+    r64 = align([model, shuffled], spec=spec, rng=0, **FAST)
+    r32 = align([model, shuffled], spec=spec, rng=0, precision="float32", **FAST)
+    assert all(np.array_equal(r64.perms[1][g], r32.perms[1][g]) for g in r64.perms[1])
+    assert r32.objective == pytest.approx(r64.objective, rel=1e-5)
+
+
+def test_weights_scale_each_pair_of_the_objective():
+    torch.manual_seed(1)
+    models = [MLP(6, (5,), 3) for _ in range(3)]
+    spec = trace(models[0], torch.zeros(1, 6))
+    one = {
+        (p, q): align([models[p], models[q]], method="none", spec=spec).objective
+        for p, q in ((0, 1), (0, 2), (1, 2))
+    }
+    w = np.array([1.0, 2.0, 3.0])
+    res = align(models, method="none", spec=spec, weights=w)
+    w = w / w.mean()
+    assert res.objective == pytest.approx(sum(w[p] * w[q] * v for (p, q), v in one.items()))
+    assert align(models, method="none", spec=spec).objective == pytest.approx(sum(one.values()))

@@ -168,6 +168,7 @@ def test_targets_say_met_not_met_and_not_run():
     # objectives: 11 >= 10, 10 >= 10, 9 < 10 -> 2 of 3
     assert "`weight`'s objective on every pair: **not met**: on 2 of 3 seeds" in lines
     # one-shot: gamf mean 78.35 vs weight 80.00, floor 1.00 -> not met
-    assert "| gamf[inner] | 78.35 | 80.00 | -1.65 | 1.00 | **not met** |" in lines
+    assert "| 3 | gamf[inner] | 78.35 | 80.00 | -1.65 | 1.00 | **not met** |" in lines
+    assert "below on digits mlp K=2 same seed 2: 9 < 10)" in lines
     assert "mnist cnn K=4 same: not run" in lines
     assert "best one-shot method, digits mlp K=2 same: `weight` (80.00)" in lines

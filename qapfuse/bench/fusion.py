@@ -835,17 +835,21 @@ def _objective_targets(groups: dict[Setting, list[dict]], labels: list[str]) -> 
     lines = []
     total = ok = 0
     worst = math.inf
-    for srows in groups.values():
+    below = []
+    for setting, srows in groups.items():
         g, w = _seeds_of(srows, "gamf[inner]", "one-shot"), _seeds_of(srows, REFERENCE, "one-shot")
-        for s in g.keys() & w.keys():
+        for s in sorted(g.keys() & w.keys()):
             gv, wv = g[s]["objective_inner"], w[s]["objective_inner"]
             total += 1
             ok += gv >= wv - 1e-9 * abs(wv)
             worst = min(worst, (gv - wv) / abs(wv))
+            if gv < wv - 1e-9 * abs(wv):
+                below.append(f"{_setting_text(setting)} seed {s}: {gv:.6g} < {wv:.6g}")
     text = _verdict(None)
     if total:
         text = (f"{_verdict(ok == total)}: on {ok} of {total} seeds (smallest relative "
-                f"difference gamf - weight: {worst:+.2e}; values per seed in the CSV)")  # fmt: skip
+                f"difference gamf - weight: {worst:+.2e}"
+                + (f"; below on {'; '.join(below)})" if below else ")"))  # fmt: skip
     lines.append(
         f"- `gamf` kernel=inner reaches at least `weight`'s objective on every pair: {text}"
     )
@@ -886,11 +890,12 @@ def _accuracy_targets(groups: dict[Setting, list[dict]], labels: list[str]) -> l
                 mm, cm = (100 * _mean_acc(srows, m) for m in ("merge_many", "c2m3"))
                 beats = None if math.isnan(mm) or math.isnan(cm) else gm > max(mm, cm)
                 versus = [_f2(mm), _f2(cm), _verdict(beats)]
-            table.append([_setting_text(setting), label, _f2(gm), _f2(wm), _f2(gm - wm),
+            seeds = len(_seeds_of(srows, label, "one-shot"))
+            table.append([_setting_text(setting), seeds, label, _f2(gm), _f2(wm), _f2(gm - wm),
                           _f2(floor), _verdict(gm >= wm - floor), *versus])  # fmt: skip
     if not table:
         return ["- not run (no setting with both `gamf` and `weight` finished)"]
-    headers = ["setting", "gamf", "gamf mean", "weight mean", "diff", "noise floor",
+    headers = ["setting", "seeds", "gamf", "gamf mean", "weight mean", "diff", "noise floor",
                "no lower than weight - floor", "merge_many", "c2m3",
                "4 models: beats both"]  # fmt: skip
     lines = [markdown_table(headers, table), ""]
@@ -925,13 +930,14 @@ def _repair_targets(groups: dict[Setting, list[dict]], labels: list[str]) -> lis
                     verdict = _verdict(ens - tuned <= 0.5) + " (within 0.5)"
                 else:
                     verdict = _verdict(gap > 0 and (tuned - one) / gap >= 0.75) + " (3/4 of gap)"
-            table.append([_setting_text(setting), method, _f2(one), _f2(rep),
+            seeds = len(_seeds_of(srows, method, "one-shot"))
+            table.append([_setting_text(setting), seeds, method, _f2(one), _f2(rep),
                           _f2(100 * (rep - one) / gap) if gap > 0 else "-", _f2(tuned),
                           _f2(100 * (tuned - one) / gap) if gap > 0 else "-", _f2(ens),
                           _f2(control), verdict])  # fmt: skip
     lines = []
     if table:
-        headers = ["setting", "method", "one-shot", "repaired", "repair closes % of gap",
+        headers = ["setting", "seeds", "method", "one-shot", "repaired", "repair closes % of gap",
                    "finetuned", "finetune closes % of gap", "ensemble",
                    "best model finetuned", "Fashion-MNIST target"]  # fmt: skip
         lines += [markdown_table(headers, table), ""]

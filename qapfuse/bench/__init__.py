@@ -14,6 +14,10 @@ mgm
 affinity
     Building affinities vs pygmtools, and graph matching end to end at scale
     (:mod:`qapfuse.bench.affinity`).
+fusion
+    Fusing trained networks: every alignment method of :func:`qapfuse.fusion.align` on the same
+    models, one-shot, repaired and fine-tuned, with weight matching's noise floor
+    (:mod:`qapfuse.bench.fusion`; needs torch and, for MNIST / Fashion-MNIST, their IDX files).
 
 Each suite writes a CSV and a Markdown report (with the command that produced it, the machine
 and the date) into a new folder ``qapfuse-bench/<suite>-<date>-<time>/`` in the working
@@ -31,7 +35,7 @@ from collections.abc import Sequence
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("gm", "qaplib", "mgm", "affinity")
+SUITES = ("gm", "qaplib", "mgm", "affinity", "fusion")
 
 log = logging.getLogger("qapfuse.bench")
 
@@ -57,6 +61,8 @@ def main(argv: Sequence[str]) -> int:
         from .mgm import run
     elif suite == "affinity":
         from .affinity import run
+    elif suite == "fusion":
+        from .fusion import run
     else:
         log.error("unknown benchmark suite %r; choose one of %s", suite, ", ".join(SUITES))
         return 2

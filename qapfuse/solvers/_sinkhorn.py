@@ -417,12 +417,14 @@ def _scaling_nb(
     E = np.zeros((b, nr, nc))
     a = np.exp(log_a)
     bm = np.exp(log_b)
+    tops = np.full(b, -np.inf)  # per-instance max of L over the mask: E is exp(L - top)
     for k in range(b):
         tk = -np.inf
         for i in range(nr):
             for j in range(nc):
                 if mask[k, i, j] and L[k, i, j] > tk:
                     tk = L[k, i, j]
+        tops[k] = tk
         for i in range(nr):
             for j in range(nc):
                 if mask[k, i, j]:
@@ -464,11 +466,7 @@ def _scaling_nb(
     if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
         return False, it, err
     for k in range(b):
-        tk = -np.inf
-        for i in range(nr):
-            for j in range(nc):
-                if mask[k, i, j] and L[k, i, j] > tk:
-                    tk = L[k, i, j]
+        tk = tops[k]
         for i in range(nr):
             for j in range(nc):
                 if mask[k, i, j]:

@@ -474,6 +474,24 @@ def _scaling_nb(
     return True, it, err
 
 
+@njit(cache=True, inline="always")
+def _log_update(L, mask, capped, log_a, log_b, f, g, k, buf_r, buf_c):  # pragma: no cover
+    """One log-domain row then column update of instance `k` (potentials `f`, `g` in place).
+
+    A capped instance (columns summing to at most 1) keeps its column potentials <= 0.
+    """
+    nr, nc = L.shape[1], L.shape[2]
+    for i in range(nr):
+        for j in range(nc):
+            buf_r[j] = L[k, i, j] + g[k, j]
+        f[k, i] = log_a[k, i] - _lse_masked(buf_r, mask[k, i, :])
+    for j in range(nc):
+        for i in range(nr):
+            buf_c[i] = L[k, i, j] + f[k, i]
+        ge = log_b[k, j] - _lse_masked(buf_c, mask[k, :, j])
+        g[k, j] = ge if not capped[k] or ge < 0.0 else 0.0
+
+
 @njit(cache=True)
 def _log_nb(L, mask, capped, log_a, log_b, logP, max_iter, tol, check_every):  # pragma: no cover
     """Cold log-domain Sinkhorn on ``L`` (b, r, c); writes ``log P = L + f + g`` on the mask.
@@ -492,15 +510,7 @@ def _log_nb(L, mask, capped, log_a, log_b, logP, max_iter, tol, check_every):  #
     it = 0
     for it in range(1, max_iter + 1):
         for k in range(b):
-            for i in range(nr):
-                for j in range(nc):
-                    buf_r[j] = L[k, i, j] + g[k, j]
-                f[k, i] = log_a[k, i] - _lse_masked(buf_r, mask[k, i, :])
-            for j in range(nc):
-                for i in range(nr):
-                    buf_c[i] = L[k, i, j] + f[k, i]
-                ge = log_b[k, j] - _lse_masked(buf_c, mask[k, :, j])
-                g[k, j] = ge if not capped[k] or ge < 0.0 else 0.0
+            _log_update(L, mask, capped, log_a, log_b, f, g, k, buf_r, buf_c)
         if it % check_every == 0 or it == max_iter:
             err = 0.0
             for k in range(b):
@@ -551,15 +561,7 @@ def _warm_scaling_nb(
         a = np.exp(log_a[k])
         bm = np.exp(log_b[k])
         # exact log-domain row then column update from the warm potentials
-        for i in range(nr):
-            for j in range(nc):
-                buf_r[j] = L[k, i, j] + g[k, j]
-            f[k, i] = log_a[k, i] - _lse_masked(buf_r, mask[k, i, :])
-        for j in range(nc):
-            for i in range(nr):
-                buf_c[i] = L[k, i, j] + f[k, i]
-            ge = log_b[k, j] - _lse_masked(buf_c, mask[k, :, j])
-            g[k, j] = ge if not capped[k] or ge < 0.0 else 0.0
+        _log_update(L, mask, capped, log_a, log_b, f, g, k, buf_r, buf_c)
         u[:] = 1.0
         v[:] = 1.0
         err = np.inf

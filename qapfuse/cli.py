@@ -172,7 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         parents=[verbose],
-        help="run a benchmark suite (gm, qaplib, mgm, affinity, fusion)",
+        help="run a benchmark suite (gm, qaplib, mgm, affinity, fusion, fl)",
         description=(
             "Run a benchmark suite; options after SUITE go to the suite itself (see "
             "'qapfuse bench SUITE --help'). The report goes to a new folder "
@@ -183,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
         add_help=True,
     )
     bench.add_argument(
-        "suite", metavar="SUITE", help="benchmark suite: gm, qaplib, mgm, affinity or fusion"
+        "suite", metavar="SUITE", help="benchmark suite: gm, qaplib, mgm, affinity, fusion or fl"
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite")
     _add_demo_parser(sub, verbose)

@@ -357,6 +357,20 @@ def _add_fl_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
         ),
     )
     fl.add_argument(
+        "--repair",
+        default=None,
+        help=(
+            "with --one-shot: repair the fused model's activation statistics on server images: "
+            "repair (REPAIR) or reset_bn (BatchNorm models); local engine only"
+        ),
+    )
+    fl.add_argument(
+        "--repair-samples",
+        type=int,
+        default=256,
+        help="training images the server holds for --repair (default 256)",
+    )
+    fl.add_argument(
         "--aggregators", default="fedavg,gamf,weight", help="comma-separated (default %(default)s)"
     )
     fl.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
@@ -874,6 +888,14 @@ def _run_fl(args: argparse.Namespace) -> int:
         _check_name(name, "aggregator", federated.AGGREGATORS)
     if not aggregators:
         raise CliError("--aggregators is empty")
+    if args.repair is not None:
+        from .fusion.fuse import REPAIRS
+
+        _check_name(args.repair, "repair", REPAIRS)
+        if not args.one_shot:
+            raise CliError("--repair applies to the one-shot round: add --one-shot")
+        if args.engine != "local":
+            raise CliError(f"--repair runs on the local engine only; got --engine {args.engine}")
     out = _fl_output(args)
     start = time.perf_counter()
     try:
@@ -898,6 +920,8 @@ def _run_fl(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 seed=args.seed,
                 progress=show,
+                repair=args.repair,
+                repair_samples=args.repair_samples,
             )
         else:
             config = _fl_config(args, aggregators)
@@ -965,6 +989,8 @@ _FL_FLAGS = {
     "lr": "--lr",
     "batch_size": "--batch-size",
     "aggregators": "--aggregators",
+    "repair_samples": "--repair-samples",
+    "repair": "--repair",
 }
 
 

@@ -263,3 +263,60 @@ def test_one_shot_repair_errors(digits):
         run_federated(digits, one_shot=True, repair="fix", **kw)
     with pytest.raises(ValueError, match=r"`client_states`\[0\] does not fit"):
         run_federated(digits, one_shot=True, client_states={0: {"w": torch.zeros(1)}}, **kw)
+
+
+def test_cli_fl_one_shot_repair(tmp_path, capsys):
+    from qapfuse.cli import main
+
+    base = ["fl", "--clients", "2", "--rounds", "1", "--aggregators", "fedavg,weight",
+            "--hidden", "8", "--one-shot", "-q"]  # fmt: skip
+    assert (
+        main([*base, "--repair", "repair", "--repair-samples", "64", "--out", str(tmp_path)]) == 0
+    )
+    assert "weight: final accuracy" in capsys.readouterr().out
+    for flags, message in (
+        (["--repair", "fix"], "unknown repair 'fix'"),
+        (["--repair", "reset_bn"], "needs BatchNorm"),
+        (["--repair", "repair", "--repair-samples", "0"], "--repair-samples"),
+    ):
+        assert main([*base, *flags, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qapfuse: error:") and message in err, err
+    no_one_shot = [a for a in base if a != "--one-shot"]
+    assert main([*no_one_shot, "--repair", "repair", "--out", str(tmp_path / "y")]) == 2
+    assert "add --one-shot" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_engine_check_compares_engines_round_by_round(tmp_path, monkeypatch):
+    pytest.importorskip("flwr")
+    import qapfuse.fusion.flower as flower
+    from qapfuse.bench.fl import ENGINE_CONFIG, _engine_section
+    from qapfuse.fusion.federated import FederatedResult
+
+    calls = []
+
+    def fake_simulate(config, *, aggregators, num_cpus=None):
+        # stands in for Ray: the local engine's figures, as a matching engine would give them
+        calls.append(dict(config))
+        res = run_federated(
+            load_digits(seed=config["seed"]), clients=config["num-clients"],
+            rounds=config["num-server-rounds"], hidden=(16,), lr=config["lr"],
+            aggregators=aggregators, seed=config["seed"], progress=False,
+        )  # fmt: skip
+        return FederatedResult(records=res.records, config={"engine": "flower"})
+
+    monkeypatch.setattr(flower, "simulate", fake_simulate)
+    out = tmp_path / "e"
+    assert bench_main(["fl", "--engines", "local,flower", "--mode", "engines", "--out", str(out),
+                       "--threads", "1"]) == 0  # fmt: skip
+    assert calls and calls[0]["num-clients"] == ENGINE_CONFIG["num-clients"]
+    rows = read_rows(out / "fl.csv")
+    assert {r["variant"] for r in rows} == {"local", "flower"}
+    assert {r["mode"] for r in rows} == {"engines"}
+    section = "\n".join(_engine_section(rows, 0.002))
+    assert "**identical**" in section
+    shifted = [{**r, "accuracy": r["accuracy"] + 0.001 * (r["variant"] == "flower")} for r in rows]
+    assert "**within noise**" in "\n".join(_engine_section(shifted, 0.002))
+    assert "**different**" in "\n".join(_engine_section(shifted, 0.0005))
+    assert "Not run" in "\n".join(_engine_section([r for r in rows if r["variant"] == "local"], 0))

@@ -66,7 +66,7 @@ ONESHOT_METHODS = ("fedavg", "weight", "merge_many", "gamf", "c2m3")
 FIRST_ORDER = ("weight", "merge_many", "c2m3")
 REPAIRS = ("reset_bn", "repair")
 ENGINES = ("local", "flower", "deployment")
-MODES = ("multi", "oneshot")
+MODES = ("multi", "oneshot", "engines")
 AFTER_ROUNDS = (1, 2, 5)  # FedAvg rounds after one-shot fusion shown in the report
 AGG_TARGET = 0.10  # aggregation under 10% of a round's wall time
 PLAIN_GAIN = 0.15  # gamf at least 15 points above plain averaging at alpha 0.5
@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         nargs="+",
         choices=MODES,
-        default=list(MODES),
+        default=["multi", "oneshot"],
         metavar="MODE",
-        help="multi and/or oneshot (default both)",
+        help="multi, oneshot and/or engines (the engine check; implied by --engines with more "
+        "than local); default multi oneshot",
     )
     p.add_argument(
         "--dataset",
@@ -1349,6 +1350,10 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
             f"--engines: expected a comma-separated list from {', '.join(ENGINES)}; "
             f"got {args.engines!r}"
         )
+    if len(engines) > 1 and "engines" not in args.mode:
+        args.mode = [*args.mode, "engines"]
+    if "engines" in args.mode and len(set(engines) - {"local"}) == 0:
+        parser.error("--mode engines compares engines: pass --engines local,flower,deployment")
     if "fedavg" not in args.aggregators and "multi" in args.mode:
         args.aggregators = ["fedavg", *args.aggregators]  # the reference of every figure
     return engines
@@ -1408,6 +1413,8 @@ def run(argv: Sequence[str]) -> int:
         log.info(
             "fl: resuming %s with %d finished unit(s)", paths[0], len({_unit(r) for r in rows})
         )
+    if not {"multi", "oneshot"} & set(args.mode):
+        requested = []  # the engine check only
     datasets = {name: _load(name, roots, parser) for name in dict.fromkeys(s[0] for s in requested)}
     args.progress = sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
     plan: list[tuple[tuple, Callable[[], list[dict[str, Any]]], str]] = []
@@ -1435,7 +1442,7 @@ def run(argv: Sequence[str]) -> int:
                         f"oneshot {_setting_text(setting)} seed {seed}",
                     )
                 )
-    if len(engines) > 1:
+    if "engines" in args.mode:
         for engine in engines:
             plan.append(
                 (("engines", engine), lambda e=engine: _engine_rows([e], args), f"engine {engine}")

@@ -373,7 +373,7 @@ def _add_fl_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
     fl.add_argument(
         "--aggregators", default="fedavg,gamf,weight", help="comma-separated (default %(default)s)"
     )
-    fl.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
+    fl.add_argument("--model", default="mlp", help="mlp, cnn or vgg11-bn (default mlp)")
     fl.add_argument(
         "--hidden", default="128,64", help="hidden widths of the MLP (default %(default)s)"
     )

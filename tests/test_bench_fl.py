@@ -320,3 +320,30 @@ def test_engine_check_compares_engines_round_by_round(tmp_path, monkeypatch):
     assert "**within noise**" in "\n".join(_engine_section(shifted, 0.002))
     assert "**different**" in "\n".join(_engine_section(shifted, 0.0005))
     assert "Not run" in "\n".join(_engine_section([r for r in rows if r["variant"] == "local"], 0))
+
+
+@pytest.mark.slow
+def test_one_shot_reset_bn_on_the_batchnorm_vgg(digits):
+    from qapfuse.fusion.federated import build_model
+
+    res = run_federated(digits, clients=2, rounds=1, one_shot=True, model="vgg11-bn",
+                        aggregators="fedavg", repair="reset_bn", repair_samples=10**6,
+                        progress=False)  # fmt: skip
+    factory, x, _ = build_model("vgg11-bn", digits)
+    fused = factory()
+    fused.load_state_dict(res.states["fedavg"])
+    fused.eval()
+    conv, bn = fused.features[0], fused.features[1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        out = conv(x).double()  # the server's images: the whole training set here
+    # the first BatchNorm's statistics are re-estimated on the server's images (as an equal
+    # average over batches of 128: the smaller last batch makes the match approximate)
+    mean, var = out.mean((0, 2, 3)), out.var((0, 2, 3))
+    torch.testing.assert_close(bn.running_mean.double(), mean, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(bn.running_var.double(), var, atol=2e-3, rtol=1e-2)
+    plain = run_federated(digits, clients=2, rounds=1, one_shot=True, model="vgg11-bn",
+                          aggregators="fedavg", client_states=res.client_states,
+                          progress=False).states["fedavg"]  # fmt: skip
+    # without the repair the averaged clients' statistics are far from the fused model's own
+    assert (plain["features.1.running_var"].double() - var).abs().max() > 0.05

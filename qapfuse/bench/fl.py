@@ -60,7 +60,8 @@ __all__ = ["COLUMNS", "build_parser", "main", "read_rows", "run", "targets"]
 log = logging.getLogger("qapfuse.bench")
 
 DATASETS = ("digits", "mnist", "fashion-mnist")
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "vgg11-bn")
+BATCHNORM_ARCHS = ("vgg11-bn",)
 AGGREGATORS = ("fedavg", "gamf", "weight", "merge_many", "c2m3")
 ONESHOT_METHODS = ("fedavg", "weight", "merge_many", "gamf", "c2m3")
 FIRST_ORDER = ("weight", "merge_many", "c2m3")
@@ -93,6 +94,7 @@ COLUMNS = [
     "aggregation_time",
     "round_time",
     "wall_s",
+    "cpu_s",
 ]
 _TEXT = ("mode", "dataset", "arch", "variant", "aggregator")
 _INT = ("clients", "seed", "epochs", "round", "updates", "rejected")
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ARCHS,
         default=["mlp", "cnn"],
         metavar="ARCH",
-        help="mlp (hidden --hidden) and/or cnn (SmallCNN); default both",
+        help="mlp (hidden --hidden), cnn (SmallCNN), vgg11-bn (VGG-11 with BatchNorm at a "
+        "quarter width); default mlp cnn",
     )
     p.add_argument(
         "--hidden",
@@ -217,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--finetune-rounds",
         type=int,
-        default=5,
+        default=8,
         metavar="F",
-        help="one-shot: FedAvg rounds after fusion (default 5)",
+        help="one-shot: FedAvg rounds after fusion (default 8: with the fusion round, one "
+        "fewer than --scratch-rounds 10, so that 'fewer rounds' is decided)",
     )
     p.add_argument(
         "--finetune-epochs",
@@ -399,6 +403,8 @@ def _oneshot_unit(data: Any, setting: Setting, seed: int, args: argparse.Namespa
         _round_text(rows, 1),
     )
     for rep in args.repair:
+        if rep == "reset_bn" and setting[1] not in BATCHNORM_ARCHS:
+            continue  # nothing to reset: the rows say so by their absence
         t0 = time.perf_counter()
         again = run_federated(
             data,
@@ -1066,7 +1072,8 @@ def write_report(
         "## Setup",
         "",
         f"- Data: {subset}, split over K clients by a Dirichlet(alpha) label distribution; "
-        f"models: MLP {'-'.join(str(h) for h in args.hidden)} hidden or the SmallCNN; local "
+        f"models: MLP {'-'.join(str(h) for h in args.hidden)} hidden, the SmallCNN (convs of "
+        "16 and 32 channels) or VGG-11 with BatchNorm at a quarter width; local "
         f"training Adam (lr {args.lr:g}, batch {args.batch_size}). Every run goes through "
         "`qapfuse.fusion.federated.run_federated`, each aggregator from the same initial "
         "model on the same client data and local-training seeds.",
@@ -1102,10 +1109,12 @@ def write_report(
     ]
     title = "Federated learning: matching aggregation, multi-round and one-shot"
     md = [header_block(title, "\n".join(commands), info, notes)]
-    units = {_unit(r): r.get("wall_s", 0.0) for r in rows}
-    wall = sum(units.values())
+    units = {_unit(r): (r.get("wall_s", 0.0), r.get("cpu_s", 0.0)) for r in rows}
+    wall = sum(w for w, _ in units.values())
+    cpu = sum(c for _, c in units.values())
     md.append(
-        f"{len(units)} finished unit(s), {wall / 60:.1f} min of measurement. "
+        f"{len(units)} finished unit(s), {wall / 60:.1f} min of measurement "
+        f"({cpu / 60:.1f} min of CPU time in this process). "
         + ("Not run: " + "; ".join(missing) + "." if missing else "Every requested unit finished.")
     )
     md += ["", "## Targets", "", *targets(rows, args.tie), "", "## Multi-round", ""]
@@ -1202,12 +1211,31 @@ def write_report(
     else:
         md.append("Not run.")
     md += ["", "## Engine check", "", *_engine_section(rows, args.tie), ""]
+    md += ["## Cost per unit", "", *_cost_table(rows), ""]
     if final and (multi or one):
         png = save_plot(png_path, lambda plt: _plot(plt, rows))
         if png is not None:
             md.append(f"![accuracy per round]({png.name})\n")
     md.append(f"Raw numbers (every seed and round): [`{csv_path.name}`]({csv_path.name}).\n")
     md_path.write_text("\n".join(md), encoding="utf-8")
+
+
+def _cost_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Wall and CPU seconds per (mode, setting, epochs) unit, mean over seeds (for planning)."""
+    units: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["mode"] != "engines":
+            units[_unit(r)] = r
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in units.values():
+        groups.setdefault((r["mode"], _setting_of(r), int(r["epochs"])), []).append(r)
+    if not groups:
+        return ["(no unit)"]
+    table = [[mode, _setting_text(setting), epochs, len(g),
+              fmt(_mean([r.get("wall_s", math.nan) for r in g])),
+              fmt(_mean([r.get("cpu_s", math.nan) for r in g]))]
+             for (mode, setting, epochs), g in groups.items()]  # fmt: skip
+    return [markdown_table(["mode", "setting", "epochs", "seeds", "wall s", "CPU s"], table)]
 
 
 def _label(method: str) -> str:
@@ -1335,9 +1363,11 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
         parser.error(f"--alpha must be numbers > 0; got {args.alpha}")
     if args.train_samples is not None and args.train_samples < 10:
         parser.error(f"--train-samples must be an integer >= 10; got {args.train_samples}")
-    if "reset_bn" in args.repair:
+    archs = [s.split("/")[1] for s in args.settings or [] if s.count("/") == 3] or args.arch
+    if "reset_bn" in args.repair and not set(archs) & set(BATCHNORM_ARCHS):
         parser.error(
-            "--repair reset_bn needs BatchNorm, which neither mlp nor cnn has; use --repair repair"
+            "--repair reset_bn needs BatchNorm, which neither mlp nor cnn has; use --repair "
+            "repair (or --arch vgg11-bn)"
         )
     if not args.lr > 0:
         parser.error(f"--lr must be a number > 0; got {args.lr}")
@@ -1466,11 +1496,11 @@ def run(argv: Sequence[str]) -> int:
                 if this not in commands:
                     commands.append(this)
                 log.info("fl: %s: started", text)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 new = measure()
-                wall = time.perf_counter() - t0
-                rows += [{**r, "wall_s": r.get("wall_s", wall)} for r in new]
-                log.info("fl: %s: done in %.0f s", text, wall)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                rows += [{**r, "wall_s": r.get("wall_s", wall), "cpu_s": cpu} for r in new]
+                log.info("fl: %s: done in %.0f s (%.0f s CPU)", text, wall, cpu)
                 write_report(rows, args, commands, info, missing, paths)
             if missing:
                 log.info("fl: --stop-at %s reached; %d unit(s) not run", args.stop_at, len(missing))

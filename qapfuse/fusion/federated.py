@@ -58,7 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AGGREGATORS = ("fedavg", "gamf", "weight", "merge_many", "c2m3")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "vgg11-bn")
 SPLITS = ("iid", "dirichlet", "label-skew")
 MLP_HIDDEN = (128, 64)
 METRICS = (
@@ -313,9 +313,10 @@ def build_model(
 
     Parameters
     ----------
-    name : {"mlp", "cnn"}
+    name : {"mlp", "cnn", "vgg11-bn"}
         ``"mlp"``: :class:`~qapfuse.fusion.models.MLP` on flattened images; ``"cnn"``:
-        :class:`~qapfuse.fusion.models.SmallCNN`.
+        :class:`~qapfuse.fusion.models.SmallCNN`; ``"vgg11-bn"``: VGG-11 with BatchNorm at a
+        quarter width (``ZOO["vgg11-bn"]`` of :mod:`qapfuse.fusion.ensemble`).
     data : ImageData
     hidden : sequence of int
         Hidden widths of the MLP (default ``(128, 64)``).
@@ -334,6 +335,14 @@ def build_model(
             return MLP(n_in, tuple(hidden), data.num_classes)
 
         return factory, data.x_train.flatten(1), data.x_test.flatten(1)
+
+    if name == "vgg11-bn":
+        from .ensemble import ZOO
+
+        def vgg() -> nn.Module:
+            return ZOO["vgg11-bn"](tuple(data.x_train.shape[1:]), data.num_classes)
+
+        return vgg, data.x_train, data.x_test
 
     def cnn() -> nn.Module:
         return SmallCNN(c, data.num_classes, input_size=h)
@@ -479,7 +488,7 @@ def run_federated(
         instead of the global model, and the server fuses them with the aggregator: the
         setting where matching pays off. Rounds 2..R are then FedAvg rounds started from the
         fused model (fine-tuning); ``rounds=1`` is pure one-shot fusion.
-    model : {"mlp", "cnn"}
+    model : {"mlp", "cnn", "vgg11-bn"}
     hidden : sequence of int
         Hidden widths of the MLP.
     lr, batch_size

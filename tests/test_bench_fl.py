@@ -347,3 +347,17 @@ def test_one_shot_reset_bn_on_the_batchnorm_vgg(digits):
                           progress=False).states["fedavg"]  # fmt: skip
     # without the repair the averaged clients' statistics are far from the fused model's own
     assert (plain["features.1.running_var"].double() - var).abs().max() > 0.05
+
+
+def test_subsets_are_seeded_per_seed_for_training_and_shared_for_testing(digits):
+    from qapfuse.bench.fl import _subset
+
+    a, b, a2 = (_subset(digits, 100, s, 50) for s in (0, 1, 0))
+    assert len(a.y_train) == 100 and len(a.y_test) == 50
+    assert torch.equal(a.x_train, a2.x_train) and not torch.equal(a.x_train, b.x_train)
+    assert torch.equal(a.x_test, b.x_test)  # every seed is measured on the same test images
+    whole = _subset(digits, None, 0, None)
+    assert whole is digits
+    # a subset holds real rows of the dataset, labels kept with their images
+    row = (digits.x_train.flatten(1) == a.x_train[0].flatten()).all(1).nonzero()[0, 0]
+    assert digits.y_train[row] == a.y_train[0]

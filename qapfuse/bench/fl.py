@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="a seeded subset of N training images per seed (default all)",
     )
+    p.add_argument(
+        "--test-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure accuracy on a seeded subset of N test images, the same for every seed "
+        "(default all; evaluation dominates the CNN's cost)",
+    )
     p.add_argument("--rounds", type=int, default=10, help="multi-round: rounds (default 10)")
     p.add_argument(
         "--local-epochs",
@@ -320,15 +328,22 @@ def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list
     return out
 
 
-def _subset(data: Any, n: int | None, seed: int) -> Any:
-    """A seeded subset of `n` training images (the test set stays whole)."""
+def _subset(data: Any, n: int | None, seed: int, n_test: int | None = None) -> Any:
+    """A seeded subset of `n` training images (per seed) and of `n_test` test images (the same
+    for every seed); None: all."""
     import torch
 
-    if n is None or n >= len(data.y_train):
-        return data
-    pick = np.sort(np.random.default_rng([seed, 17]).permutation(len(data.y_train))[:n])
-    idx = torch.from_numpy(pick)
-    return dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx])
+    def pick(size: int, m: int | None, key: list[int]) -> torch.Tensor | None:
+        if m is None or m >= size:
+            return None
+        return torch.from_numpy(np.sort(np.random.default_rng(key).permutation(size)[:m]))
+
+    train, test = pick(len(data.y_train), n, [seed, 17]), pick(len(data.y_test), n_test, [23])
+    if train is not None:
+        data = dataclasses.replace(data, x_train=data.x_train[train], y_train=data.y_train[train])
+    if test is not None:
+        data = dataclasses.replace(data, x_test=data.x_test[test], y_test=data.y_test[test])
+    return data
 
 
 def _setting_text(s: Setting) -> str:
@@ -1064,9 +1079,14 @@ def write_report(
     csv_path, md_path, png_path = paths
     write_csv(csv_path, rows, COLUMNS)
     subset = (
-        f"a seeded subset of {args.train_samples} training images per seed (the test set whole)"
+        f"a seeded subset of {args.train_samples} training images per seed"
         if args.train_samples
         else "the whole training set"
+    ) + (
+        f", accuracy on a seeded subset of {args.test_samples} test images (the same for "
+        "every seed)"
+        if args.test_samples
+        else ", accuracy on the whole test set"
     )
     notes = [
         "## Setup",
@@ -1361,8 +1381,10 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
             parser.error(f"{flag} must be integers >= {low}; got {values}")
     if any(not a > 0 for a in args.alpha):
         parser.error(f"--alpha must be numbers > 0; got {args.alpha}")
-    if args.train_samples is not None and args.train_samples < 10:
-        parser.error(f"--train-samples must be an integer >= 10; got {args.train_samples}")
+    for flag, value in (("--train-samples", args.train_samples),
+                        ("--test-samples", args.test_samples)):  # fmt: skip
+        if value is not None and value < 10:
+            parser.error(f"{flag} must be an integer >= 10; got {value}")
     archs = [s.split("/")[1] for s in args.settings or [] if s.count("/") == 3] or args.arch
     if "reset_bn" in args.repair and not set(archs) & set(BATCHNORM_ARCHS):
         parser.error(
@@ -1450,7 +1472,7 @@ def run(argv: Sequence[str]) -> int:
     plan: list[tuple[tuple, Callable[[], list[dict[str, Any]]], str]] = []
     for setting in requested:
         for seed in range(args.seeds):
-            data = _Lazy(datasets[setting[0]], args.train_samples, seed)
+            data = _Lazy(datasets[setting[0]], args.train_samples, seed, args.test_samples)
             if "multi" in args.mode:
                 for e in args.local_epochs:
                     key = ("multi", *setting, seed, e)
@@ -1515,12 +1537,12 @@ main = run
 
 
 class _Lazy:
-    """A dataset's seeded training subset, made when a unit first needs it."""
+    """A dataset's seeded subsets, made when a unit first needs them."""
 
-    def __init__(self, data: Any, n: int | None, seed: int) -> None:
-        self.data, self.n, self.seed, self.value = data, n, seed, None
+    def __init__(self, data: Any, n: int | None, seed: int, n_test: int | None) -> None:
+        self.data, self.n, self.seed, self.n_test, self.value = data, n, seed, n_test, None
 
     def get(self) -> Any:
         if self.value is None:
-            self.value = _subset(self.data, self.n, self.seed)
+            self.value = _subset(self.data, self.n, self.seed, self.n_test)
         return self.value

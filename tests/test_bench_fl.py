@@ -143,6 +143,11 @@ def test_rounds_to_90_percent_of_fedavg():
     assert by["gamf"]["agg_frac"] == pytest.approx(0.05)
     # with K=5 clients trained in parallel the round would take 0.5 + 9.5 / 5 s
     assert by["gamf"]["agg_frac_parallel"] == pytest.approx(0.5 / (0.5 + 9.5 / 5))
+    # on a tenth of the training set, the whole set's rounds would train 10 times longer
+    tenth = [{**r, "train_fraction": 0.1} for r in rows]
+    by = {r["aggregator"]: r for r in multi_summary(tenth)}
+    assert by["gamf"]["agg_frac_full"] == pytest.approx(0.5 / (0.5 + 95))
+    assert "with the whole training set" in "\n".join(targets(tenth))
 
 
 def _oneshot(setting, fused, gamf_curve, scratch_curve):

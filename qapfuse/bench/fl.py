@@ -93,6 +93,7 @@ COLUMNS = [
     "non_identity",
     "aggregation_time",
     "round_time",
+    "train_fraction",
     "wall_s",
     "cpu_s",
 ]
@@ -645,8 +646,9 @@ def multi_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         seed never does), ``never90`` (seeds that never do), ``nonid_mean`` / ``nonid_max``
         (non-identity fraction over rounds and seeds), ``agg_s`` and ``round_s`` (seconds per
         round), ``agg_frac`` / ``agg_frac_max`` (aggregation time / round time, mean and max
-        over rounds and seeds) and ``agg_frac_parallel`` (the same if the K clients had trained
-        in parallel: ``agg / (agg + (round - agg) / K)``).
+        over rounds and seeds), ``agg_frac_parallel`` (the same if the K clients had trained
+        in parallel: ``agg / (agg + (round - agg) / K)``) and ``agg_frac_full`` (an estimate
+        for the whole training set: the rest of the round scaled by ``1 / train_fraction``).
     """
     out = []
     for (setting, epochs), grows in _groups(rows, "multi").items():
@@ -663,12 +665,14 @@ def multi_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     reach.append(hit[0] if hit else math.nan)
             played = [r for c in curves.values() for k, r in c.items() if k > 0]
             nonid = [r.get("non_identity", math.nan) for r in played]
-            fracs, par = [], []
+            fracs, par, full = [], [], []
             for r in played:
                 agg, wall = r.get("aggregation_time", math.nan), r.get("round_time", math.nan)
                 if wall and wall > 0:
+                    rest = max(wall - agg, 0.0)
                     fracs.append(agg / wall)
-                    par.append(agg / (agg + max(wall - agg, 0.0) / setting[2]))
+                    par.append(agg / (agg + rest / setting[2]))
+                    full.append(agg / (agg + rest / r.get("train_fraction", 1.0)))
             finite_nonid = [v for v in nonid if v is not None and math.isfinite(v)]
             out.append(
                 {
@@ -691,6 +695,7 @@ def multi_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "agg_frac": _mean(fracs),
                     "agg_frac_max": max(fracs) if fracs else math.nan,
                     "agg_frac_parallel": _mean(par),
+                    "agg_frac_full": _mean(full),
                 }
             )
     return out
@@ -883,6 +888,13 @@ def targets(rows: Sequence[dict[str, Any]], tie: float = 0.002) -> list[str]:
             f"{fmt(worst['agg_s'])} s of {fmt(worst['round_s'])} s); worst single round "
             f"{100 * worst_max['agg_frac_max']:.1f}%; with the clients training in parallel the "
             f"worst mean would be {100 * max(r['agg_frac_parallel'] for r in matched):.1f}%"
+            + (
+                f"; with the whole training set (the rest of each round scaled up by the "
+                f"subset's inverse fraction, an estimate) it would be "
+                f"{100 * max(r['agg_frac_full'] for r in matched):.1f}%"
+                if any(r.get("train_fraction", 1.0) < 1.0 for r in rows if r["mode"] == "multi")
+                else ""
+            )
         )
     else:
         lines.append(f"- aggregation under {100 * AGG_TARGET:g}% of a round's wall time: not run")
@@ -1469,7 +1481,7 @@ def run(argv: Sequence[str]) -> int:
         requested = []  # the engine check only
     datasets = {name: _load(name, roots, parser) for name in dict.fromkeys(s[0] for s in requested)}
     args.progress = sys.stderr.isatty() and log.isEnabledFor(logging.INFO)
-    plan: list[tuple[tuple, Callable[[], list[dict[str, Any]]], str]] = []
+    plan: list[tuple[tuple, Callable[[], list[dict[str, Any]]], str, _Lazy | None]] = []
     for setting in requested:
         for seed in range(args.seeds):
             data = _Lazy(datasets[setting[0]], args.train_samples, seed, args.test_samples)
@@ -1483,6 +1495,7 @@ def run(argv: Sequence[str]) -> int:
                                 d.get(), s, i, e, args
                             ),
                             f"multi {_setting_text(setting)} E={e} seed {seed}",
+                            data,
                         )
                     )
             if "oneshot" in args.mode:
@@ -1492,12 +1505,18 @@ def run(argv: Sequence[str]) -> int:
                         key,
                         lambda s=setting, i=seed, d=data: _oneshot_unit(d.get(), s, i, args),
                         f"oneshot {_setting_text(setting)} seed {seed}",
+                        data,
                     )
                 )
     if "engines" in args.mode:
         for engine in engines:
             plan.append(
-                (("engines", engine), lambda e=engine: _engine_rows([e], args), f"engine {engine}")
+                (
+                    ("engines", engine),
+                    lambda e=engine: _engine_rows([e], args),
+                    f"engine {engine}",
+                    None,
+                )
             )
     threads = torch.get_num_threads()
     if args.threads:
@@ -1509,7 +1528,7 @@ def run(argv: Sequence[str]) -> int:
             info = machine_info(note)
             info["torch threads"] = str(torch.get_num_threads())
             _warm_up([*args.aggregators, *args.oneshot_methods])
-            for key, measure, text in plan:
+            for key, measure, text, lazy in plan:
                 if key in {_unit(r) for r in rows}:
                     continue
                 if stop is not None and _dt.datetime.now(_dt.timezone.utc) >= stop:
@@ -1521,7 +1540,9 @@ def run(argv: Sequence[str]) -> int:
                 t0, c0 = time.perf_counter(), time.process_time()
                 new = measure()
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                rows += [{**r, "wall_s": r.get("wall_s", wall), "cpu_s": cpu} for r in new]
+                frac = 1.0 if lazy is None else lazy.fraction()
+                rows += [{**r, "wall_s": r.get("wall_s", wall), "cpu_s": cpu,
+                          "train_fraction": frac} for r in new]  # fmt: skip
                 log.info("fl: %s: done in %.0f s (%.0f s CPU)", text, wall, cpu)
                 write_report(rows, args, commands, info, missing, paths)
             if missing:
@@ -1546,3 +1567,7 @@ class _Lazy:
         if self.value is None:
             self.value = _subset(self.data, self.n, self.seed, self.n_test)
         return self.value
+
+    def fraction(self) -> float:
+        """The share of the training set in the subset."""
+        return len(self.get().y_train) / len(self.data.y_train)

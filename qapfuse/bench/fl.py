@@ -494,7 +494,14 @@ def _engine_rows(engines: Sequence[str], args: argparse.Namespace) -> list[dict[
         elif engine == "flower":
             from ..fusion.flower import simulate
 
-            res = simulate(cfg, aggregators=ENGINE_AGGREGATORS, num_cpus=args.threads)
+            flwr_log = logging.getLogger("flwr")
+            old_level = flwr_log.level
+            if not log.isEnabledFor(logging.DEBUG):  # Flower's own per-round log: with -v
+                flwr_log.setLevel(logging.WARNING)
+            try:
+                res = simulate(cfg, aggregators=ENGINE_AGGREGATORS, num_cpus=args.threads)
+            finally:
+                flwr_log.setLevel(old_level)
         else:
             from ..fusion.deployment import run_deployment
 

@@ -35,7 +35,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("fl")
-    assert bench_main(["fl", "--quick", "--out", str(out)]) == 0
+    assert bench_main(["fl", "--quick", "--repair", "repair", "--out", str(out)]) == 0
     return out
 
 
@@ -48,7 +48,7 @@ def test_quick_run_writes_the_report(quick_report):
     rows = read_rows(quick_report / "fl.csv")
     modes = {(r["mode"], r["variant"]) for r in rows}
     assert modes == {("multi", ""), ("oneshot", "fused"), ("oneshot", "ensemble"),
-                     ("oneshot", "scratch")}  # fmt: skip
+                     ("oneshot", "scratch"), ("oneshot", "repair")}  # fmt: skip
     # every aggregator starts from the same model and trains on the same clients
     multi = [r for r in rows if r["mode"] == "multi"]
     assert len({r["accuracy"] for r in multi if r["round"] == 0}) == 1
@@ -65,9 +65,10 @@ def test_quick_run_writes_the_report(quick_report):
 @pytest.mark.slow
 def test_resume_keeps_finished_units_and_refuses_to_overwrite(quick_report, capsys):
     before = (quick_report / "fl.csv").read_text()
-    assert bench_main(["fl", "--quick", "--out", str(quick_report)]) == 2
+    quick = ["fl", "--quick", "--repair", "repair", "--out", str(quick_report)]
+    assert bench_main(quick) == 2
     assert "pass --force" in capsys.readouterr().err
-    assert bench_main(["fl", "--quick", "--out", str(quick_report), "--resume"]) == 0
+    assert bench_main([*quick, "--resume"]) == 0
     assert (quick_report / "fl.csv").read_text() == before  # nothing was left to run
 
 

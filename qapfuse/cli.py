@@ -172,7 +172,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         parents=[verbose],
-        help="run a benchmark suite (gm, qaplib, mgm, affinity, fusion)",
+        help="run a benchmark suite (gm, qaplib, mgm, affinity, fusion, fl)",
         description=(
             "Run a benchmark suite; options after SUITE go to the suite itself (see "
             "'qapfuse bench SUITE --help'). The report goes to a new folder "
@@ -183,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
         add_help=True,
     )
     bench.add_argument(
-        "suite", metavar="SUITE", help="benchmark suite: gm, qaplib, mgm, affinity or fusion"
+        "suite", metavar="SUITE", help="benchmark suite: gm, qaplib, mgm, affinity, fusion or fl"
     )
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the suite")
     _add_demo_parser(sub, verbose)
@@ -357,9 +357,23 @@ def _add_fl_parser(sub: Any, verbose: argparse.ArgumentParser) -> None:
         ),
     )
     fl.add_argument(
+        "--repair",
+        default=None,
+        help=(
+            "with --one-shot: repair the fused model's activation statistics on server images: "
+            "repair (REPAIR) or reset_bn (BatchNorm models); local engine only"
+        ),
+    )
+    fl.add_argument(
+        "--repair-samples",
+        type=int,
+        default=256,
+        help="training images the server holds for --repair (default 256)",
+    )
+    fl.add_argument(
         "--aggregators", default="fedavg,gamf,weight", help="comma-separated (default %(default)s)"
     )
-    fl.add_argument("--model", default="mlp", help="mlp or cnn (default mlp)")
+    fl.add_argument("--model", default="mlp", help="mlp, cnn or vgg11-bn (default mlp)")
     fl.add_argument(
         "--hidden", default="128,64", help="hidden widths of the MLP (default %(default)s)"
     )
@@ -874,6 +888,14 @@ def _run_fl(args: argparse.Namespace) -> int:
         _check_name(name, "aggregator", federated.AGGREGATORS)
     if not aggregators:
         raise CliError("--aggregators is empty")
+    if args.repair is not None:
+        from .fusion.fuse import REPAIRS
+
+        _check_name(args.repair, "repair", REPAIRS)
+        if not args.one_shot:
+            raise CliError("--repair applies to the one-shot round: add --one-shot")
+        if args.engine != "local":
+            raise CliError(f"--repair runs on the local engine only; got --engine {args.engine}")
     out = _fl_output(args)
     start = time.perf_counter()
     try:
@@ -898,6 +920,8 @@ def _run_fl(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 seed=args.seed,
                 progress=show,
+                repair=args.repair,
+                repair_samples=args.repair_samples,
             )
         else:
             config = _fl_config(args, aggregators)
@@ -965,6 +989,8 @@ _FL_FLAGS = {
     "lr": "--lr",
     "batch_size": "--batch-size",
     "aggregators": "--aggregators",
+    "repair_samples": "--repair-samples",
+    "repair": "--repair",
 }
 
 

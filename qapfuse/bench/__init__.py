@@ -18,6 +18,10 @@ fusion
     Fusing trained networks: every alignment method of :func:`qapfuse.fusion.align` on the same
     models, one-shot, repaired and fine-tuned, with weight matching's noise floor
     (:mod:`qapfuse.bench.fusion`; needs torch and, for MNIST / Fashion-MNIST, their IDX files).
+fl
+    Federated learning: multi-round FedAvg vs matching aggregation (non-identity fraction,
+    aggregation time), one-shot fusion of independently initialised clients then FedAvg, and
+    an engine check against Flower (:mod:`qapfuse.bench.fl`).
 
 Each suite writes a CSV and a Markdown report (with the command that produced it, the machine
 and the date) into a new folder ``qapfuse-bench/<suite>-<date>-<time>/`` in the working
@@ -35,7 +39,7 @@ from collections.abc import Sequence
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("gm", "qaplib", "mgm", "affinity", "fusion")
+SUITES = ("gm", "qaplib", "mgm", "affinity", "fusion", "fl")
 
 log = logging.getLogger("qapfuse.bench")
 
@@ -63,6 +67,8 @@ def main(argv: Sequence[str]) -> int:
         from .affinity import run
     elif suite == "fusion":
         from .fusion import run
+    elif suite == "fl":
+        from .fl import run
     else:
         log.error("unknown benchmark suite %r; choose one of %s", suite, ", ".join(SUITES))
         return 2

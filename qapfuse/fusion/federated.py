@@ -33,9 +33,10 @@ from torch import nn
 from .._validation import check_choice, check_scalar
 from .align import align
 from .data import ImageData, split_indices
-from .fuse import average_state_dicts, fusion_weights
+from .fuse import REPAIRS, average_state_dicts, fusion_weights
 from .models import MLP, SmallCNN
 from .permute import permute
+from .repair import repair_statistics, reset_bn
 from .spec import PermutationSpec
 from .tracing import trace
 from .training import evaluate, seeded, train
@@ -57,7 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AGGREGATORS = ("fedavg", "gamf", "weight", "merge_many", "c2m3")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "vgg11-bn")
 SPLITS = ("iid", "dirichlet", "label-skew")
 MLP_HIDDEN = (128, 64)
 METRICS = (
@@ -94,6 +95,11 @@ class Aggregate:
         ``"weight"``, the first accepted client otherwise); NaN for ``"fedavg"``.
     time : float
         Wall-clock seconds of the alignment and averaging.
+    perms : tuple of dict
+        Per accepted update, the permutation (group -> index array) that put it into the
+        averaged order; empty dicts for ``"fedavg"`` (identity). What REPAIR needs.
+    weights : tuple of float
+        The averaging weight of each accepted update (summing to 1).
     """
 
     state_dict: OrderedDict[str, torch.Tensor]
@@ -101,6 +107,8 @@ class Aggregate:
     rejected: tuple[tuple[int, str], ...]
     non_identity: float
     time: float
+    perms: tuple[Mapping[str, np.ndarray], ...] = ()
+    weights: tuple[float, ...] = ()
 
     @property
     def kept_previous(self) -> bool:
@@ -178,6 +186,7 @@ def aggregate(
     *,
     method: str = "gamf",
     spec: PermutationSpec | None = None,
+    from_global: bool = True,
     rng: Any = None,
     **options: Any,
 ) -> Aggregate:
@@ -199,6 +208,11 @@ def aggregate(
     spec : PermutationSpec
         The architecture's spec (from :func:`~qapfuse.fusion.trace`); needed by every method
         except ``"fedavg"``.
+    from_global : bool
+        Whether the clients trained from `global_state` (multi-round FL, the default). False in
+        a one-shot round, where they start from their own initialisations: the global model is
+        then unrelated to them, so ``"weight"`` matches every client to the first accepted one
+        instead.
     rng : None, int or numpy.random.Generator
         Randomness of the alignment.
     **options
@@ -260,8 +274,9 @@ def aggregate(
     states = [updates[k] for k in accepted]
     w = fusion_weights(len(states), [float(num_examples[k]) for k in accepted])
     non_identity = math.nan
+    perms: list[Mapping[str, np.ndarray]] = [{} for _ in states]
     if method != "fedavg":
-        if method == "weight":
+        if method == "weight" and from_global:
             al = align([global_state, *states], method="weight", spec=spec, rng=rng, **options)
             ref, perms = al.perms[0], al.perms[1:]
         elif len(states) == 1:
@@ -271,12 +286,20 @@ def aggregate(
             ref, perms = al.perms[0], al.perms
         if ref is not None:
             states = [permute(sd, spec, p) for sd, p in zip(states, perms)]
-            non_identity = _non_identity(perms if method == "weight" else perms[1:], ref)
+            anchored = method == "weight" and from_global
+            non_identity = _non_identity(perms if anchored else perms[1:], ref)
         else:
+            perms = [{}]
             non_identity = 0.0
     state = average_state_dicts(states, w)
     return Aggregate(
-        state, tuple(accepted), tuple(rejected), non_identity, time.perf_counter() - start
+        state,
+        tuple(accepted),
+        tuple(rejected),
+        non_identity,
+        time.perf_counter() - start,
+        tuple(perms),
+        tuple(float(v) for v in w),
     )
 
 
@@ -290,9 +313,10 @@ def build_model(
 
     Parameters
     ----------
-    name : {"mlp", "cnn"}
+    name : {"mlp", "cnn", "vgg11-bn"}
         ``"mlp"``: :class:`~qapfuse.fusion.models.MLP` on flattened images; ``"cnn"``:
-        :class:`~qapfuse.fusion.models.SmallCNN`.
+        :class:`~qapfuse.fusion.models.SmallCNN`; ``"vgg11-bn"``: VGG-11 with BatchNorm at a
+        quarter width (``ZOO["vgg11-bn"]`` of :mod:`qapfuse.fusion.ensemble`).
     data : ImageData
     hidden : sequence of int
         Hidden widths of the MLP (default ``(128, 64)``).
@@ -311,6 +335,14 @@ def build_model(
             return MLP(n_in, tuple(hidden), data.num_classes)
 
         return factory, data.x_train.flatten(1), data.x_test.flatten(1)
+
+    if name == "vgg11-bn":
+        from .ensemble import ZOO
+
+        def vgg() -> nn.Module:
+            return ZOO["vgg11-bn"](tuple(data.x_train.shape[1:]), data.num_classes)
+
+        return vgg, data.x_train, data.x_test
 
     def cnn() -> nn.Module:
         return SmallCNN(c, data.num_classes, input_size=h)
@@ -367,12 +399,16 @@ class FederatedResult:
         Training samples per client.
     config : dict
         The run's settings.
+    client_states : dict of int to OrderedDict
+        One-shot runs: the round-1 model of each client that trained (what every aggregator
+        fused); pass it back as ``client_states=`` to fuse the same models again.
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
     states: dict[str, OrderedDict[str, torch.Tensor]] = field(default_factory=dict)
     client_sizes: list[int] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    client_states: dict[int, OrderedDict[str, torch.Tensor]] = field(default_factory=dict)
 
     def final(self, aggregator: str) -> dict[str, Any]:
         """The last round's row of `aggregator`."""
@@ -423,6 +459,10 @@ def run_federated(
     seed: int = 0,
     progress: bool | None = None,
     align_options: Mapping[str, Any] | None = None,
+    finetune_epochs: int | None = None,
+    client_states: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    repair: str | None = None,
+    repair_samples: int = 256,
 ) -> FederatedResult:
     """Simulate federated learning in process, once per aggregator from the same start.
 
@@ -448,7 +488,7 @@ def run_federated(
         instead of the global model, and the server fuses them with the aggregator: the
         setting where matching pays off. Rounds 2..R are then FedAvg rounds started from the
         fused model (fine-tuning); ``rounds=1`` is pure one-shot fusion.
-    model : {"mlp", "cnn"}
+    model : {"mlp", "cnn", "vgg11-bn"}
     hidden : sequence of int
         Hidden widths of the MLP.
     lr, batch_size
@@ -462,6 +502,22 @@ def run_federated(
     align_options : mapping, optional
         Options of the alignment method (e.g. ``{"time_limit": 5}``), see
         :func:`~qapfuse.fusion.align`.
+    finetune_epochs : int >= 1, optional
+        One-shot runs: local epochs of the FedAvg rounds 2..R (default `local_epochs`, which
+        then sets the one-shot round's training only).
+    client_states : mapping of int to state dict, optional
+        One-shot runs: the clients' round-1 models, by client index (e.g.
+        ``FederatedResult.client_states`` of an earlier run with the same data, clients,
+        split and seed, or checkpoints); clients left out train from their own inits. Their
+        training time is not in the round time.
+    repair : {None, "reset_bn", "repair"}
+        One-shot runs: after the server fuses the round-1 models it repairs the fused model's
+        activation statistics on `repair_samples` training images it holds
+        (:func:`~qapfuse.fusion.repair.reset_bn`, which needs BatchNorm, or
+        :func:`~qapfuse.fusion.repair.repair_statistics` with the aggregation's permutations
+        and weights); the repair's time counts as aggregation time.
+    repair_samples : int >= 1
+        Server images for `repair`: a seeded sample of the training set.
 
     Returns
     -------
@@ -478,8 +534,9 @@ def run_federated(
     Raises
     ------
     ValueError
-        More clients than samples, ``alpha <= 0``, an unknown aggregator, split or model, or a
-        bad count.
+        More clients than samples, ``alpha <= 0``, an unknown aggregator, split, model or
+        repair, a bad count, `repair` or `client_states` without `one_shot`, or a client state
+        that does not fit the model.
     """
     caller = "run_federated"
     if not isinstance(data, ImageData):
@@ -492,6 +549,18 @@ def run_federated(
         check_scalar(value, name, caller, integer=True, low=1, low_inclusive=True)
     check_scalar(seed, "seed", caller, integer=True, low=0, low_inclusive=True)
     check_scalar(fraction, "fraction", caller, low=0, high=1)
+    if finetune_epochs is None:
+        finetune_epochs = local_epochs
+    check_scalar(finetune_epochs, "finetune_epochs", caller, integer=True, low=1,
+                 low_inclusive=True)  # fmt: skip
+    if repair is not None:
+        check_choice(repair, "repair", caller, REPAIRS)
+        check_scalar(repair_samples, "repair_samples", caller, integer=True, low=1,
+                     low_inclusive=True)  # fmt: skip
+    if not one_shot and (repair is not None or client_states):
+        raise ValueError(
+            "`repair` and `client_states` apply to the one-shot round; pass one_shot=True."
+        )
     factory, x_train, x_test = build_model(model, data, hidden=hidden)
     parts = client_splits(data.y_train, clients, split, alpha, seed)
     sizes = [len(p) for p in parts]
@@ -503,6 +572,17 @@ def run_federated(
     init = seeded(factory, seed)
     spec = trace(init, x_train[:2])
     test = (x_test, data.y_test)
+    if repair == "reset_bn" and not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in init.modules()
+    ):
+        raise ValueError(
+            f"repair='reset_bn' needs BatchNorm layers; model={model!r} has none "
+            "(use repair='repair')."
+        )
+    server_x = None
+    if repair is not None:
+        pick = np.random.default_rng([seed, 31]).permutation(len(x_train))[:repair_samples]
+        server_x = x_train[torch.from_numpy(np.sort(pick))]
     result = FederatedResult(
         client_sizes=sizes,
         config=dict(
@@ -520,11 +600,23 @@ def run_federated(
             batch_size=batch_size,
             seed=seed,
             engine="local",
+            finetune_epochs=finetune_epochs if one_shot else None,
+            repair=repair,
+            repair_samples=repair_samples if repair is not None else None,
         ),
     )
     # Round 1 starts every aggregator from the same model: its updates are trained once and
     # replayed, their training time counted in each aggregator's round time.
     cache: dict[int, tuple[OrderedDict[str, torch.Tensor], float]] = {}
+    for k, given in dict(client_states or {}).items():
+        if not isinstance(k, int) or not 0 <= k < clients:
+            raise ValueError(
+                f"`client_states` keys must be client indices in [0, {clients}); got {k!r}."
+            )
+        reason = check_update(init.state_dict(), given)
+        if reason is not None:
+            raise ValueError(f"`client_states`[{k}] does not fit the model: {reason}.")
+        cache[k] = (OrderedDict((n, t.detach().clone()) for n, t in given.items()), 0.0)
 
     def local_update(k: int, r: int, global_state: Mapping[str, torch.Tensor]) -> tuple[Any, float]:
         if r == 1 and k in cache:
@@ -538,7 +630,7 @@ def run_federated(
         train(
             net,
             (x_train[idx], data.y_train[idx]),
-            epochs=local_epochs,
+            epochs=finetune_epochs if one_shot and r > 1 else local_epochs,
             lr=lr,
             batch_size=batch_size,
             seed=train_seed(seed, r, k),
@@ -564,17 +656,24 @@ def run_federated(
                 trained = [local_update(k, r, state) for k in chosen]
                 updates = [u for u, _ in trained]
                 replayed = sum(seconds for _, seconds in trained)
+                fusing = one_shot and r == 1
                 out = aggregate(
                     state,
                     updates,
                     [sizes[k] for k in chosen],
-                    method="fedavg" if one_shot and r > 1 else name,
+                    method=name if r == 1 or not one_shot else "fedavg",
                     spec=spec,
+                    from_global=not fusing,
                     rng=train_seed(seed, r, 0),
                     **dict(align_options or {}),
                 )
-
                 state = out.state_dict
+                agg_time = out.time
+                if fusing and repair is not None and out.accepted:
+                    t_repair = time.perf_counter()
+                    fused_updates = [updates[k] for k in out.accepted]
+                    state = _repaired(factory, state, fused_updates, out, spec, repair, server_x)
+                    agg_time += time.perf_counter() - t_repair
                 evaluator.load_state_dict(state)
                 acc, loss = evaluate(evaluator, test)
                 row = _row(
@@ -585,7 +684,7 @@ def run_federated(
                     len(chosen),
                     len(out.rejected),
                     out.non_identity,
-                    out.time,
+                    agg_time,
                     time.perf_counter() - t0 + replayed,
                 )
                 result.records.append(row)
@@ -597,7 +696,7 @@ def run_federated(
                     rounds,
                     acc,
                     loss,
-                    out.time,
+                    agg_time,
                     out.non_identity,
                     len(out.rejected),
                 )
@@ -618,7 +717,33 @@ def run_federated(
             nets.append(net)
         acc = predict_ensemble(nets, test)
         result.records.append(_row("ensemble", 1, acc, math.nan, len(nets), 0, math.nan, 0.0, 0.0))
+        result.client_states = {k: cache[k][0] for k in sorted(cache)}
     return result
+
+
+def _repaired(
+    factory: Any,
+    state: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    out: Aggregate,
+    spec: PermutationSpec,
+    repair: str,
+    server_x: torch.Tensor,
+) -> OrderedDict[str, torch.Tensor]:
+    """The fused `state` after `repair` on the server's images (the updates: `out`'s accepted)."""
+    fused = factory()
+    fused.load_state_dict(state)
+    fused.eval()
+    if repair == "reset_bn":
+        reset_bn(fused, server_x)
+    else:
+        models = []
+        for sd in updates:
+            net = factory()
+            net.load_state_dict(sd)
+            models.append(net)
+        repair_statistics(fused, models, spec, list(out.perms), list(out.weights), server_x)
+    return OrderedDict((n, t.detach().clone()) for n, t in fused.state_dict().items())
 
 
 def _row(agg, r, acc, loss, n, rejected, non_identity, agg_time, round_time) -> dict[str, Any]:

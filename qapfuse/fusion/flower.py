@@ -109,8 +109,9 @@ class MatchingFedAvg(FedAvg):
     align_options : mapping, optional
         Options of the alignment method.
     one_shot : bool
-        The clients of round 1 start from their own initialisations: `method` fuses them, and
-        later rounds (fine-tuning from the fused model) use plain FedAvg.
+        The clients of round 1 start from their own initialisations: `method` fuses them
+        (``"weight"`` matches them to the first accepted client, not to the unrelated global
+        model), and later rounds (fine-tuning from the fused model) use plain FedAvg.
     **kwargs
         Passed to ``flwr.serverapp.strategy.FedAvg`` (``fraction_train``,
         ``min_available_nodes``, ...). Weights come from ``weighted_by_key``
@@ -194,6 +195,7 @@ class MatchingFedAvg(FedAvg):
             counts,
             method=method,
             spec=self.spec,
+            from_global=not (self.one_shot and server_round == 1),
             rng=seed,
             **self.align_options,
         )

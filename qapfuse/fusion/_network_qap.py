@@ -36,7 +36,13 @@ import numpy as np
 import torch
 
 from ..solvers._blocks import BlockQAP
-from ._kernels import ExactGaussianPair, FeaturePair, gaussian_features, median_sigma
+from ._kernels import (
+    DEFAULT_EXPANSION_BYTES,
+    ExactGaussianPair,
+    FeaturePair,
+    gaussian_features,
+    median_sigma,
+)
 from .graph import NetworkGraph
 
 __all__ = ["NetData", "NetworkQAP", "net_data"]
@@ -150,8 +156,11 @@ class NetworkQAP(BlockQAP):
         group for node features).
     expansion_tol : float
         Error bound of every scalar Gaussian kernel value (Taylor expansion).
-    max_terms : int
-        Most expansion terms per scalar layer.
+    max_terms : int, optional
+        Most expansion terms per scalar layer; default: as many as `expansion_tol` needs,
+        within `max_expansion_bytes`.
+    max_expansion_bytes : float
+        Largest size of one scalar layer's expansion features (all models), in bytes.
     max_kernel_evals : float
         Largest ``(n_o n_in)^2`` for the exact Gaussian on vector (conv) edges.
 
@@ -172,7 +181,8 @@ class NetworkQAP(BlockQAP):
         pair_weights: Sequence[float] | None = None,
         sigma: float | None = None,
         expansion_tol: float = 1e-6,
-        max_terms: int = 200,
+        max_terms: int | None = None,
+        max_expansion_bytes: float = DEFAULT_EXPANSION_BYTES,
         max_kernel_evals: float = 5e8,
     ):
         self.data, self.kernel = data, kernel
@@ -195,7 +205,9 @@ class NetworkQAP(BlockQAP):
             return
         for o, i, key, F in data.edges:
             self._edge_pairs.append(
-                self._pair_kernels(key, F, sigma, expansion_tol, max_terms, max_kernel_evals)
+                self._pair_kernels(
+                    key, F, sigma, expansion_tol, max_terms, max_expansion_bytes, max_kernel_evals
+                )
             )
         for g, F in data.nodes.items():
             if kernel == "inner":
@@ -207,15 +219,16 @@ class NetworkQAP(BlockQAP):
                     (p, q): torch.exp(-(torch.cdist(F[p], F[q]) ** 2) / s) for p, q, _ in self.pairs
                 }
 
-    def _pair_kernels(self, key, F, sigma, tol, max_terms, max_evals):
+    def _pair_kernels(self, key, F, sigma, tol, max_terms, max_bytes, max_evals):
         if self.kernel == "inner":
             return {(p, q): FeaturePair(F[p], F[q]) for p, q, _ in self.pairs}
         s = median_sigma([f.reshape(-1, f.shape[2]) for f in F]) if sigma is None else sigma
         self.info["sigma"][key] = s
         n_o, n_in, f = F[0].shape
         if f == 1:
-            Phi, T, bound = gaussian_features(F, s, tol, max_terms)
-            Phi = [phi.to(self.dtype) for phi in Phi]
+            Phi, T, bound = gaussian_features(
+                F, s, tol, max_terms, max_bytes=max_bytes, dtype=self.dtype, name=repr(key)
+            )
             self.info["terms"][key] = T + 1
             self.info["bound"] = max(self.info["bound"], bound)
             return {(p, q): FeaturePair(Phi[p], Phi[q]) for p, q, _ in self.pairs}

@@ -31,7 +31,8 @@ KERNELS = ("inner", "gaussian", "node")
 _KERNEL_OPTIONS = {
     "sigma": Option("float", low=0, low_inclusive=False, allow_none=True),
     "expansion_tol": Option("float", low=0, low_inclusive=False),
-    "max_terms": Option("int", low=1),
+    "max_terms": Option("int", low=1, allow_none=True),
+    "max_expansion_bytes": Option("float", low=0, low_inclusive=False),
     "max_kernel_evals": Option("float", low=0, low_inclusive=False),
     "precision": Option("choice", choices=("float64", "float32")),
 }
@@ -156,9 +157,11 @@ def align(
         ``sk_iter``, ``tol``, ``max_sweeps``, ``time_limit``; ``weight``: ``restarts``,
         ``max_sweeps``, ``time_limit``; ``merge_many``: ``max_rounds``, ``max_sweeps``;
         ``c2m3``: ``max_iter``, ``tol``, ``max_sweeps``, ``time_limit``) and kernel options
-        (``sigma``, ``expansion_tol`` (default 1e-6), ``max_terms`` (200),
-        ``max_kernel_evals`` (5e8), ``precision``: ``"float64"`` (default) or ``"float32"``,
-        the arithmetic of the kernel products, about twice as fast on large networks).
+        (``sigma``, ``expansion_tol`` (default 1e-6), ``max_terms`` (None: as many as
+        ``expansion_tol`` needs), ``max_expansion_bytes`` (2 GiB of expansion features per
+        scalar layer), ``max_kernel_evals`` (5e8), ``precision``: ``"float64"`` (default)
+        or ``"float32"``, the arithmetic of the kernel products, about twice as fast on large
+        networks).
 
     Returns
     -------

@@ -116,13 +116,18 @@ class ExactGaussianPair:
 def median_sigma(features: list[torch.Tensor], *, max_pairs: int = 1 << 20) -> float:
     """Median heuristic: the median of ``||e - e'||^2`` over edges of different models.
 
+    The value depends on each model's edges as a multiset only, never on their order, so
+    permuting a model's channels (which permutes its rows) leaves sigma unchanged and the
+    kernel permutation-equivariant.
+
     Parameters
     ----------
     features : list of Tensor of shape (n, f)
         Each model's edges (or nodes) of one layer, one row per edge.
     max_pairs : int
         With at most this many cross-model pairs the median is exact; otherwise it is taken
-        over ``max_pairs`` pairs drawn with a fixed seed (the same inputs give the same sigma).
+        over ``max_pairs`` pairs drawn with a fixed seed from each model's rows in sorted
+        (lexicographic) order, so the same multisets of rows give the same sigma.
 
     Returns
     -------
@@ -137,6 +142,7 @@ def median_sigma(features: list[torch.Tensor], *, max_pairs: int = 1 << 20) -> f
             [((F[p][:, None, :] - F[q][None, :, :]) ** 2).sum(-1).ravel() for p, q in pairs]
         )
     else:
+        F = [_sorted_rows(f) for f in F]  # sampling by index must not see the channel order
         gen = np.random.default_rng(0)
         per = max(1, max_pairs // len(pairs))
         parts = []
@@ -150,6 +156,13 @@ def median_sigma(features: list[torch.Tensor], *, max_pairs: int = 1 << 20) -> f
         return med
     mean = float(d2.mean())
     return mean if mean > 0 else 1.0
+
+
+def _sorted_rows(F: np.ndarray) -> np.ndarray:
+    """The rows of `F` (n, f) in lexicographic order: a canonical order of the multiset."""
+    if F.shape[1] == 1:
+        return np.sort(F, axis=0)
+    return F[np.lexsort(F.T[::-1])]
 
 
 def gaussian_features(

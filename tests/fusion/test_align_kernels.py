@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from qapfuse.fusion import align, trace
+from qapfuse.fusion import align, permute, random_permutations, trace
 from qapfuse.fusion._kernels import (
     ExactGaussianPair,
     FeaturePair,
@@ -119,3 +119,25 @@ def test_expansion_refuses_past_its_memory_budget_and_says_what_to_change():
     W = [_edges(0, (4, 4, 1)), _edges(1, (4, 4, 1))]
     with pytest.raises(ValueError, match=r"max_expansion_bytes=100.*precision='float32'"):
         gaussian_features(W, 1e-2, 1e-8, max_bytes=100, name="'fc'")
+
+
+@pytest.mark.parametrize("f", [1, 9])
+def test_median_sigma_does_not_depend_on_the_channel_order(f):
+    # sampled regime (more pairs than max_pairs): sigma must see the edges as a multiset
+    W = [_edges(s, (12, 10, f)) for s in range(3)]
+    g = torch.Generator().manual_seed(4)
+    out, inp = torch.randperm(12, generator=g), torch.randperm(10, generator=g)
+    shuffled = [W[0], W[1][out][:, inp], W[2][:, inp]]
+    a = median_sigma([w.reshape(-1, f) for w in W], max_pairs=500)
+    b = median_sigma([w.reshape(-1, f) for w in shuffled], max_pairs=500)
+    assert a == b
+
+
+def test_gaussian_sigmas_of_a_permuted_network_are_unchanged():
+    torch.manual_seed(2)
+    models = [MLP(40, (30,), 20) for _ in range(2)]  # 1200 edges per layer: sigma is sampled
+    spec = trace(models[0], torch.zeros(1, 40))
+    shuffled = permute(models[1], spec, random_permutations(spec, rng=5))
+    opts = {"method": "none", "kernel": "gaussian", "spec": spec}
+    ref = align(models, **opts).info["sigma"]
+    assert align([models[0], shuffled], **opts).info["sigma"] == ref

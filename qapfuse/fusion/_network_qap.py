@@ -201,6 +201,11 @@ class NetworkQAP(BlockQAP):
         self._cache: dict[tuple[int, str, int, int], torch.Tensor] = {}
         self._self_loops = {o for o, i, _, _ in data.edges if o == i}
         self._memo: dict[tuple, torch.Tensor] = {}
+        # node kernel: S of (p, q, g) depends on the matchings of g's neighbours only, so it
+        # is kept per (p, q, g) under the digests of those blocks (the last two versions:
+        # a coordinate sweep's trial and the point it was tried from)
+        self._node_deps = {g: self._neighbours(g) for g in data.free_groups}
+        self._node_cache: dict[tuple[int, int, str], dict[tuple, torch.Tensor]] = {}
         if kernel == "node":
             return
         for o, i, key, F in data.edges:
@@ -298,11 +303,12 @@ class NetworkQAP(BlockQAP):
     # -- the operator -------------------------------------------------------------------------
     def score(self, X: Sequence[np.ndarray]) -> float:
         total = 0.0
+        digests = self._digests(X) if self.kernel == "node" else None
         for p, q, w in self.pairs:
             if self.kernel == "node":
                 for g in self.data.free_groups:
                     Xg = self._X(X, p, q, g)
-                    S = self._similarity(X, p, q, g)
+                    S = self._similarity(X, p, q, g, digests)
                     total += w * float((S * Xg).sum() if Xg is not None else S.trace())
                 continue
             for n, (o, i, _, _) in enumerate(self.data.edges):
@@ -333,11 +339,12 @@ class NetworkQAP(BlockQAP):
         def wanted(k: int, g: str) -> bool:
             return self.index.get((k, g)) in want
 
+        digests = self._digests(X) if self.kernel == "node" else None
         for p, q, w in self.pairs:
             if self.kernel == "node":
                 for g in self.data.free_groups:
                     if wanted(p, g) or wanted(q, g):
-                        S = self._similarity(X, p, q, g)
+                        S = self._similarity(X, p, q, g, digests)
                         add(p, g, S, q, w, False)
                         add(q, g, S, p, w, True)
                 continue
@@ -359,7 +366,47 @@ class NetworkQAP(BlockQAP):
             out[b] = G[b].double().numpy() if b in G else np.zeros(self.sizes[b])
         return out
 
-    def _similarity(self, X: Sequence[np.ndarray], p: int, q: int, g: str) -> torch.Tensor:
+    def _neighbours(self, g: str) -> tuple[str, ...]:
+        """The free groups whose matchings enter the similarity of `g` (see :meth:`_similarity`)."""
+        near = {i for o, i, _, _ in self.data.edges if o == g}
+        near |= {o for o, i, _, _ in self.data.edges if i == g}
+        return tuple(sorted(h for h in near if h not in self.data.fixed))
+
+    def _digests(self, X: Sequence[np.ndarray]) -> list[bytes]:
+        """A digest of every block's values (which blocks a trial point changed)."""
+        return [
+            hashlib.blake2b(
+                np.ascontiguousarray(x, dtype=np.float64).tobytes(), digest_size=16
+            ).digest()
+            for x in X
+        ]
+
+    def _similarity(
+        self,
+        X: Sequence[np.ndarray],
+        p: int,
+        q: int,
+        g: str,
+        digests: Sequence[bytes] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`_similarity_of`, reused while the blocks it reads are unchanged."""
+        if digests is None:
+            return self._similarity_of(X, p, q, g)
+        sig = tuple(
+            digests[b] if (b := self.index.get((m, h))) is not None else None
+            for m in (p, q)
+            for h in self._node_deps[g]
+        )
+        versions = self._node_cache.setdefault((p, q, g), {})
+        S = versions.pop(sig, None)  # re-inserted below: the dict is in order of last use
+        if S is None:
+            S = self._similarity_of(X, p, q, g)
+            if len(versions) >= 2:
+                versions.pop(next(iter(versions)))
+        versions[sig] = S
+        return S
+
+    def _similarity_of(self, X: Sequence[np.ndarray], p: int, q: int, g: str) -> torch.Tensor:
         """GAMF's neuron similarity ``exp(-d/2) / mean`` of group `g` between models p and q."""
         u, v = [], []
         for o, i, _, F in self.data.edges:

@@ -206,6 +206,7 @@ class NetworkQAP(BlockQAP):
         # a coordinate sweep's trial and the point it was tried from)
         self._node_deps = {g: self._neighbours(g) for g in data.free_groups}
         self._node_cache: dict[tuple[int, int, str], dict[tuple, torch.Tensor]] = {}
+        self._neuron_rows: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         if kernel == "node":
             return
         for o, i, key, F in data.edges:
@@ -408,25 +409,48 @@ class NetworkQAP(BlockQAP):
 
     def _similarity_of(self, X: Sequence[np.ndarray], p: int, q: int, g: str) -> torch.Tensor:
         """GAMF's neuron similarity ``exp(-d/2) / mean`` of group `g` between models p and q."""
-        u, v = [], []
+        U, u2 = self._neurons(p, g)
+        v = []
         for o, i, _, F in self.data.edges:
             if o == g:  # incoming weights of g's neurons; q's inputs mapped into p's order
                 Y = self._X(X, p, q, i)
-                mapped = F[q] if Y is None else torch.einsum("jb,abf->ajf", Y, F[q])
-                u.append(F[p].reshape(F[p].shape[0], -1))
+                perm = _permutation(Y)
+                if perm is not None:  # a hard matching maps by indexing, O(size) not O(n^3)
+                    mapped = F[q][:, perm]
+                else:
+                    mapped = F[q] if Y is None else torch.einsum("jb,abf->ajf", Y, F[q])
                 v.append(mapped.reshape(mapped.shape[0], -1))
             if i == g:  # outgoing weights; q's outputs mapped into p's order
                 Z = self._X(X, p, q, o)
-                mapped = F[q] if Z is None else torch.einsum("ia,abf->ibf", Z, F[q])
-                u.append(F[p].transpose(0, 1).reshape(F[p].shape[1], -1))
+                perm = _permutation(Z)
+                if perm is not None:
+                    mapped = F[q][perm]
+                else:
+                    mapped = F[q] if Z is None else torch.einsum("ia,abf->ibf", Z, F[q])
                 v.append(mapped.transpose(0, 1).reshape(mapped.shape[1], -1))
         if g in self.data.nodes:
-            u.append(self.data.nodes[g][p])
             v.append(self.data.nodes[g][q])
-        U, V = torch.cat(u, 1), torch.cat(v, 1)
-        d = (U**2).sum(1)[:, None] + (V**2).sum(1)[None, :] - 2.0 * U @ V.T
+        V = torch.cat(v, 1)
+        d = u2[:, None] + (V**2).sum(1)[None, :] - 2.0 * U @ V.T
         logS = -0.5 * d.clamp_min(0.0)
         return torch.exp(logS - (torch.logsumexp(logS.reshape(-1), 0) - np.log(logS.numel())))
+
+    def _neurons(self, p: int, g: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model `p`'s neurons of group `g` as rows (incoming, outgoing weights, node features)
+        and their squared norms: constants of the node kernel, built once."""
+        key = (p, g)
+        if key not in self._neuron_rows:
+            u = []
+            for o, i, _, F in self.data.edges:
+                if o == g:
+                    u.append(F[p].reshape(F[p].shape[0], -1))
+                if i == g:
+                    u.append(F[p].transpose(0, 1).reshape(F[p].shape[1], -1))
+            if g in self.data.nodes:
+                u.append(self.data.nodes[g][p])
+            U = torch.cat(u, 1)
+            self._neuron_rows[key] = (U, (U**2).sum(1))
+        return self._neuron_rows[key]
 
     # -- conversions ----------------------------------------------------------------------------
     def blocks_from_perms(self, perms: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -448,3 +472,16 @@ class NetworkQAP(BlockQAP):
         for (k, g), U in zip(self.blocks, X):
             perms[k][g] = np.argmax(np.asarray(U), axis=0).astype(np.int64)
         return perms
+
+
+def _permutation(Y: torch.Tensor | None) -> torch.Tensor | None:
+    """``perm`` with ``Y[j, perm[j]] = 1`` when `Y` is a permutation matrix, else None."""
+    if Y is None or Y.shape[0] != Y.shape[1]:
+        return None
+    perm = Y.argmax(1)
+    ones = Y[torch.arange(Y.shape[0]), perm]
+    if not bool((ones == 1).all()) or int(torch.count_nonzero(Y)) != Y.shape[0]:
+        return None
+    if not bool((torch.bincount(perm, minlength=Y.shape[0]) == 1).all()):
+        return None
+    return perm

@@ -22,7 +22,10 @@ size ``(n_o n_in)^2`` is ever formed.
 group and pair, ``S[i, a] = exp(-d/2) / mean`` with ``d`` the squared distance between neuron
 ``i`` of ``p`` and neuron ``a`` of ``q`` (incoming weights with ``q``'s inputs mapped by the
 current matching, outgoing weights likewise, node features), and ``F = sum <X^g_pq, S^g_pq>``;
-its "gradient" holds ``S`` fixed.
+its "gradient" holds ``S`` fixed. That objective is not affine in a block, so a coordinate
+sweep scores every trial; :class:`~qapfuse.fusion._node_kernel.NodeSimilarity` keeps each
+edge set's part of ``S`` under the version of the one matching it reads, and a trial
+recomputes only the parts next to the changed block.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from ._kernels import (
     gaussian_features,
     median_sigma,
 )
+from ._node_kernel import BlockVersions, NodeSimilarity
 from .graph import NetworkGraph
 
 __all__ = ["NetData", "NetworkQAP", "net_data"]
@@ -201,13 +205,9 @@ class NetworkQAP(BlockQAP):
         self._cache: dict[tuple[int, str, int, int], torch.Tensor] = {}
         self._self_loops = {o for o, i, _, _ in data.edges if o == i}
         self._memo: dict[tuple, torch.Tensor] = {}
-        # node kernel: S of (p, q, g) depends on the matchings of g's neighbours only, so it
-        # is kept per (p, q, g) under the digests of those blocks (the last two versions:
-        # a coordinate sweep's trial and the point it was tried from)
-        self._node_deps = {g: self._neighbours(g) for g in data.free_groups}
-        self._node_cache: dict[tuple[int, int, str], dict[tuple, torch.Tensor]] = {}
-        self._neuron_rows: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         if kernel == "node":
+            self._node = NodeSimilarity(data.edges, data.nodes)
+            self._versions = BlockVersions(len(self.blocks))
             return
         for o, i, key, F in data.edges:
             self._edge_pairs.append(
@@ -304,12 +304,12 @@ class NetworkQAP(BlockQAP):
     # -- the operator -------------------------------------------------------------------------
     def score(self, X: Sequence[np.ndarray]) -> float:
         total = 0.0
-        digests = self._digests(X) if self.kernel == "node" else None
+        versions = self._versions(X) if self.kernel == "node" else None
         for p, q, w in self.pairs:
             if self.kernel == "node":
                 for g in self.data.free_groups:
                     Xg = self._X(X, p, q, g)
-                    S = self._similarity(X, p, q, g, digests)
+                    S = self._similarity(X, p, q, g, versions)
                     total += w * float((S * Xg).sum() if Xg is not None else S.trace())
                 continue
             for n, (o, i, _, _) in enumerate(self.data.edges):
@@ -340,12 +340,12 @@ class NetworkQAP(BlockQAP):
         def wanted(k: int, g: str) -> bool:
             return self.index.get((k, g)) in want
 
-        digests = self._digests(X) if self.kernel == "node" else None
+        versions = self._versions(X) if self.kernel == "node" else None
         for p, q, w in self.pairs:
             if self.kernel == "node":
                 for g in self.data.free_groups:
                     if wanted(p, g) or wanted(q, g):
-                        S = self._similarity(X, p, q, g, digests)
+                        S = self._similarity(X, p, q, g, versions)
                         add(p, g, S, q, w, False)
                         add(q, g, S, p, w, True)
                 continue
@@ -367,90 +367,18 @@ class NetworkQAP(BlockQAP):
             out[b] = G[b].double().numpy() if b in G else np.zeros(self.sizes[b])
         return out
 
-    def _neighbours(self, g: str) -> tuple[str, ...]:
-        """The free groups whose matchings enter the similarity of `g` (see :meth:`_similarity`)."""
-        near = {i for o, i, _, _ in self.data.edges if o == g}
-        near |= {o for o, i, _, _ in self.data.edges if i == g}
-        return tuple(sorted(h for h in near if h not in self.data.fixed))
-
-    def _digests(self, X: Sequence[np.ndarray]) -> list[bytes]:
-        """A digest of every block's values (which blocks a trial point changed)."""
-        return [
-            hashlib.blake2b(
-                np.ascontiguousarray(x, dtype=np.float64).tobytes(), digest_size=16
-            ).digest()
-            for x in X
-        ]
-
     def _similarity(
-        self,
-        X: Sequence[np.ndarray],
-        p: int,
-        q: int,
-        g: str,
-        digests: Sequence[bytes] | None = None,
+        self, X: Sequence[np.ndarray], p: int, q: int, g: str, versions: Sequence[int]
     ) -> torch.Tensor:
-        """:meth:`_similarity_of`, reused while the blocks it reads are unchanged."""
-        if digests is None:
-            return self._similarity_of(X, p, q, g)
-        sig = tuple(
-            digests[b] if (b := self.index.get((m, h))) is not None else None
-            for m in (p, q)
-            for h in self._node_deps[g]
-        )
-        versions = self._node_cache.setdefault((p, q, g), {})
-        S = versions.pop(sig, None)  # re-inserted below: the dict is in order of last use
-        if S is None:
-            S = self._similarity_of(X, p, q, g)
-            if len(versions) >= 2:
-                versions.pop(next(iter(versions)))
-        versions[sig] = S
-        return S
+        """GAMF's neuron similarity of group `g` between models p and q at `X`; parts whose
+        matchings are unchanged since an earlier call are reused (:class:`NodeSimilarity`)."""
 
-    def _similarity_of(self, X: Sequence[np.ndarray], p: int, q: int, g: str) -> torch.Tensor:
-        """GAMF's neuron similarity ``exp(-d/2) / mean`` of group `g` between models p and q."""
-        U, u2 = self._neurons(p, g)
-        v = []
-        for o, i, _, F in self.data.edges:
-            if o == g:  # incoming weights of g's neurons; q's inputs mapped into p's order
-                Y = self._X(X, p, q, i)
-                perm = _permutation(Y)
-                if perm is not None:  # a hard matching maps by indexing, O(size) not O(n^3)
-                    mapped = F[q][:, perm]
-                else:
-                    mapped = F[q] if Y is None else torch.einsum("jb,abf->ajf", Y, F[q])
-                v.append(mapped.reshape(mapped.shape[0], -1))
-            if i == g:  # outgoing weights; q's outputs mapped into p's order
-                Z = self._X(X, p, q, o)
-                perm = _permutation(Z)
-                if perm is not None:
-                    mapped = F[q][perm]
-                else:
-                    mapped = F[q] if Z is None else torch.einsum("ia,abf->ibf", Z, F[q])
-                v.append(mapped.transpose(0, 1).reshape(mapped.shape[1], -1))
-        if g in self.data.nodes:
-            v.append(self.data.nodes[g][q])
-        V = torch.cat(v, 1)
-        d = u2[:, None] + (V**2).sum(1)[None, :] - 2.0 * U @ V.T
-        logS = -0.5 * d.clamp_min(0.0)
-        return torch.exp(logS - (torch.logsumexp(logS.reshape(-1), 0) - np.log(logS.numel())))
+        def version(h: str) -> tuple[int | None, int | None]:
+            return tuple(
+                None if (b := self.index.get((m, h))) is None else versions[b] for m in (p, q)
+            )
 
-    def _neurons(self, p: int, g: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model `p`'s neurons of group `g` as rows (incoming, outgoing weights, node features)
-        and their squared norms: constants of the node kernel, built once."""
-        key = (p, g)
-        if key not in self._neuron_rows:
-            u = []
-            for o, i, _, F in self.data.edges:
-                if o == g:
-                    u.append(F[p].reshape(F[p].shape[0], -1))
-                if i == g:
-                    u.append(F[p].transpose(0, 1).reshape(F[p].shape[1], -1))
-            if g in self.data.nodes:
-                u.append(self.data.nodes[g][p])
-            U = torch.cat(u, 1)
-            self._neuron_rows[key] = (U, (U**2).sum(1))
-        return self._neuron_rows[key]
+        return self._node(p, q, g, lambda h: self._X(X, p, q, h), version)
 
     # -- conversions ----------------------------------------------------------------------------
     def blocks_from_perms(self, perms: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -472,16 +400,3 @@ class NetworkQAP(BlockQAP):
         for (k, g), U in zip(self.blocks, X):
             perms[k][g] = np.argmax(np.asarray(U), axis=0).astype(np.int64)
         return perms
-
-
-def _permutation(Y: torch.Tensor | None) -> torch.Tensor | None:
-    """``perm`` with ``Y[j, perm[j]] = 1`` when `Y` is a permutation matrix, else None."""
-    if Y is None or Y.shape[0] != Y.shape[1]:
-        return None
-    perm = Y.argmax(1)
-    ones = Y[torch.arange(Y.shape[0]), perm]
-    if not bool((ones == 1).all()) or int(torch.count_nonzero(Y)) != Y.shape[0]:
-        return None
-    if not bool((torch.bincount(perm, minlength=Y.shape[0]) == 1).all()):
-        return None
-    return perm

@@ -243,8 +243,11 @@ class NetworkQAP(BlockQAP):
             raise ValueError(
                 f"kernel='gaussian' on {key!r} (edges with {f} features, shape "
                 f"{tuple(F[0].shape)}) is summed exactly and needs {evals:.3g} kernel values "
-                f"per product, more than max_kernel_evals={max_evals:g}. Raise "
-                "max_kernel_evals, or use kernel='inner' or 'node'."
+                f"per product, more than max_kernel_evals={max_evals:g} (vector edges have "
+                "no factorisation with a stated error bound that is cheaper than the exact "
+                "sum: docs/fusion.md, Scale). To fix: use kernel='inner' or 'node' for this "
+                "network, or raise max_kernel_evals (time grows in proportion: about 1e7 "
+                "kernel values per second per product on a 2-core CPU)."
             )
         self.info["terms"][key] = "exact"
         return {(p, q): ExactGaussianPair(F[p], F[q], s) for p, q, _ in self.pairs}

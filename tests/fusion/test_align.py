@@ -153,7 +153,9 @@ def test_errors_name_the_argument():
 def test_gaussian_on_large_conv_edges_refuses_with_the_budget():
     model, _ = make("lenet")
     with pytest.raises(
-        ValueError, match=r"'conv1.weight'.*needs 16 kernel values.*max_kernel_evals=10"
+        ValueError,
+        match=r"'conv1.weight'.*needs 16 kernel values.*max_kernel_evals=10.*"
+        r"To fix: use kernel='inner' or 'node'.*raise max_kernel_evals",
     ):
         align([model, model], spec=traced("lenet"), kernel="gaussian", max_kernel_evals=10)
 

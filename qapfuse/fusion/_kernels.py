@@ -17,9 +17,10 @@ Kernels:
   expansion of :class:`qapfuse.affinity.EdgeFactorAffinity`, with its Poisson-tail error bound);
 * Gaussian on vector edges (``f > 1``, conv kernels): exact sums in row chunks
   (:class:`ExactGaussianPair`), ``(n_o n_in)^2 f`` operations per product, refused above a
-  budget (a Taylor expansion in ``f`` variables needs ``C(T + f, f)`` terms: ~10^5 for
-  ``f = 9`` at useful accuracy, more than the exact sum on small layers and unaffordable on
-  large ones).
+  budget (a Taylor expansion in ``f`` variables needs ``C(T + f, f)`` terms: 10^4 to 5 10^5
+  for ``f = 9`` at tolerances 1e-2 to 1e-6, more flops than the exact sum; pivoted Cholesky
+  and the SVD lower bound are no cheaper at useful accuracy: measured in docs/fusion.md,
+  Scale).
 """
 
 from __future__ import annotations
@@ -185,9 +186,10 @@ def gaussian_features(
     Error bound: every kernel value is off by at most the Poisson tail ``P(N_z > T)``,
     ``z = 2 r^2 / sigma`` (the dropped terms are ``e^{-(x^2+y^2)/sigma} sum_{t>T} w^t / t!``
     with ``w = 2|xy|/sigma <= (x^2 + y^2)/sigma`` and ``w <= z``), and ``T`` is the smallest
-    order with that tail <= `tol` (``gaussian_terms`` of the affinity package): about
-    ``z + 5 sqrt(z)`` terms at ``tol = 1e-6``, so the count follows the weights' scale (the
-    ratio of the largest centred weight to the median distance), not a fixed number. A
+    order with that tail <= `tol` (``gaussian_terms`` of the affinity package): for large
+    ``z`` about ``z + 5 sqrt(z)`` terms at ``tol = 1e-6``, so the count follows the weights'
+    scale (the ratio of the largest centred weight to the median distance), not a fixed
+    number. A
     product with the features is then off by at most ``bound * sum(|Y|)`` per entry.
 
     Parameters

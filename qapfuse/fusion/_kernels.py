@@ -17,9 +17,10 @@ Kernels:
   expansion of :class:`qapfuse.affinity.EdgeFactorAffinity`, with its Poisson-tail error bound);
 * Gaussian on vector edges (``f > 1``, conv kernels): exact sums in row chunks
   (:class:`ExactGaussianPair`), ``(n_o n_in)^2 f`` operations per product, refused above a
-  budget (a Taylor expansion in ``f`` variables needs ``C(T + f, f)`` terms: ~10^5 for
-  ``f = 9`` at useful accuracy, more than the exact sum on small layers and unaffordable on
-  large ones).
+  budget (a Taylor expansion in ``f`` variables needs ``C(T + f, f)`` terms: 10^4 to 5 10^5
+  for ``f = 9`` at tolerances 1e-2 to 1e-6, more flops than the exact sum; pivoted Cholesky
+  and the SVD lower bound are no cheaper at useful accuracy: measured in docs/fusion.md,
+  Scale).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from ..affinity._operator import _scaled_monomial, gaussian_terms
 
 __all__ = [
+    "DEFAULT_EXPANSION_BYTES",
     "ExactGaussianPair",
     "FeaturePair",
     "gaussian_features",
@@ -40,6 +42,9 @@ __all__ = [
 
 #: Entries of the kernel block computed at once by :class:`ExactGaussianPair`.
 _CHUNK = 1 << 22
+
+#: Default cap on one scalar layer's Gaussian feature maps (all models), in bytes.
+DEFAULT_EXPANSION_BYTES = float(2**31)
 
 
 class FeaturePair:
@@ -112,13 +117,18 @@ class ExactGaussianPair:
 def median_sigma(features: list[torch.Tensor], *, max_pairs: int = 1 << 20) -> float:
     """Median heuristic: the median of ``||e - e'||^2`` over edges of different models.
 
+    The value depends on each model's edges as a multiset only, never on their order, so
+    permuting a model's channels (which permutes its rows) leaves sigma unchanged and the
+    kernel permutation-equivariant.
+
     Parameters
     ----------
     features : list of Tensor of shape (n, f)
         Each model's edges (or nodes) of one layer, one row per edge.
     max_pairs : int
         With at most this many cross-model pairs the median is exact; otherwise it is taken
-        over ``max_pairs`` pairs drawn with a fixed seed (the same inputs give the same sigma).
+        over ``max_pairs`` pairs drawn with a fixed seed from each model's rows in sorted
+        (lexicographic) order, so the same multisets of rows give the same sigma.
 
     Returns
     -------
@@ -133,6 +143,7 @@ def median_sigma(features: list[torch.Tensor], *, max_pairs: int = 1 << 20) -> f
             [((F[p][:, None, :] - F[q][None, :, :]) ** 2).sum(-1).ravel() for p, q in pairs]
         )
     else:
+        F = [_sorted_rows(f) for f in F]  # sampling by index must not see the channel order
         gen = np.random.default_rng(0)
         per = max(1, max_pairs // len(pairs))
         parts = []
@@ -148,29 +159,57 @@ def median_sigma(features: list[torch.Tensor], *, max_pairs: int = 1 << 20) -> f
     return mean if mean > 0 else 1.0
 
 
+def _sorted_rows(F: np.ndarray) -> np.ndarray:
+    """The rows of `F` (n, f) in lexicographic order: a canonical order of the multiset."""
+    if F.shape[1] == 1:
+        return np.sort(F, axis=0)
+    return F[np.lexsort(F.T[::-1])]
+
+
 def gaussian_features(
-    values: list[torch.Tensor], sigma: float, tol: float, max_terms: int
+    values: list[torch.Tensor],
+    sigma: float,
+    tol: float,
+    max_terms: int | None = None,
+    *,
+    max_bytes: float = DEFAULT_EXPANSION_BYTES,
+    dtype: torch.dtype = torch.float64,
+    name: str = "the layer",
 ) -> tuple[list[torch.Tensor], int, float]:
     r"""Feature maps of the scalar Gaussian: ``exp(-(x - y)^2 / sigma) ~ sum_t phi_t(x) phi_t(y)``.
 
-    With ``x, y`` centred by the mean ``c`` of all values (the kernel is shift invariant),
+    With ``x, y`` shifted by the midrange ``c`` of all values (the kernel is shift invariant,
+    and the midrange makes ``r = max |x - c|`` smallest),
     ``exp(-(x-y)^2/sigma) = e^{-x^2/sigma} e^{-y^2/sigma} sum_t (2xy/sigma)^t / t!``, so
-    ``phi_t(x) = e^{-x^2/sigma} (2/sigma)^{t/2} x^t / sqrt(t!)``, ``t = 0..T``. Every kernel value
-    is off by at most the Poisson tail ``P(N_z > T)``, ``z = 2 r^2 / sigma``, ``r = max |x|``
-    (``gaussian_terms`` of the affinity package), and ``T`` is the smallest order with
-    that tail <= `tol`.
+    ``phi_t(x) = e^{-x^2/sigma} (2/sigma)^{t/2} x^t / sqrt(t!)``, ``t = 0..T``.
+
+    Error bound: every kernel value is off by at most the Poisson tail ``P(N_z > T)``,
+    ``z = 2 r^2 / sigma`` (the dropped terms are ``e^{-(x^2+y^2)/sigma} sum_{t>T} w^t / t!``
+    with ``w = 2|xy|/sigma <= (x^2 + y^2)/sigma`` and ``w <= z``), and ``T`` is the smallest
+    order with that tail <= `tol` (``gaussian_terms`` of the affinity package): for large
+    ``z`` about ``z + 5 sqrt(z)`` terms at ``tol = 1e-6``, so the count follows the weights'
+    scale (the ratio of the largest centred weight to the median distance), not a fixed
+    number. A
+    product with the features is then off by at most ``bound * sum(|Y|)`` per entry.
 
     Parameters
     ----------
     values : list of Tensor of shape (n_o, n_in, 1)
         Each model's scalar edges of one layer.
     sigma, tol : float > 0
-    max_terms : int
-        Largest ``T + 1`` accepted.
+    max_terms : int, optional
+        Largest ``T + 1`` accepted; default: no cap beyond `max_bytes`.
+    max_bytes : float
+        Largest size in bytes of all models' feature maps of this layer (``N n_o n_in (T + 1)``
+        values of `dtype`); default 2 GiB.
+    dtype : torch.dtype
+        Of the returned features (they are computed in float64, one order at a time).
+    name : str
+        The layer, for error messages.
 
     Returns
     -------
-    features : list of Tensor of shape (n_o, n_in, T + 1), float64
+    features : list of Tensor of shape (n_o, n_in, T + 1), `dtype`
     T : int
     bound : float
         The error bound on every kernel value.
@@ -178,22 +217,41 @@ def gaussian_features(
     Raises
     ------
     ValueError
-        If more than `max_terms` terms are needed.
+        If more than `max_terms` terms, or more than `max_bytes` of features, are needed.
     """
-    c = float(torch.cat([v.reshape(-1) for v in values]).double().mean())
-    xs = [v.detach().double().reshape(-1).numpy() - c for v in values]
-    r = max(float(np.abs(x).max()) if x.size else 0.0 for x in xs)
+    xs = [v.detach().double().reshape(-1).numpy() for v in values]
+    nonempty = [x for x in xs if x.size]
+    lo = min((float(x.min()) for x in nonempty), default=0.0)
+    hi = max((float(x.max()) for x in nonempty), default=0.0)
+    c = 0.5 * (lo + hi)
+    xs = [x - c for x in xs]
+    r = 0.5 * (hi - lo)
     z = 2.0 * r * r / sigma
     T, _, bound = gaussian_terms(z, 1, tol)
-    if T + 1 > max_terms:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = float(sum(x.size for x in xs)) * (T + 1) * itemsize
+    what = (
+        f"The Gaussian expansion of {name} needs {T + 1} terms (z = 2 r^2 / sigma = {z:.3g}, "
+        f"r = max|x - midrange| = {r:.3g}, sigma = {sigma:.3g}) for expansion_tol={tol:g}"
+    )
+    fix = (
+        "raise expansion_tol or sigma (fewer terms), or use kernel='inner' or 'node' for "
+        "this network."
+    )
+    if bound > tol:
+        raise ValueError(f"{what}, and {T + 1} terms do not reach it. To fix: {fix}")
+    if max_terms is not None and T + 1 > max_terms:
+        raise ValueError(f"{what}, more than max_terms={max_terms}. To fix: raise max_terms, {fix}")
+    if need > max_bytes:
         raise ValueError(
-            f"The Gaussian expansion needs {T + 1} terms (z = 2 max|x|^2 / sigma = {z:.3g}) for "
-            f"expansion_tol={tol:g}, more than max_terms={max_terms}. Raise sigma or "
-            "expansion_tol."
+            f"{what}; their feature maps take {need / 2**30:.3g} GiB for {len(xs)} models, "
+            f"more than max_expansion_bytes={max_bytes:.4g}. To fix: raise "
+            f"max_expansion_bytes, use precision='float32' (half the memory), {fix}"
         )
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     out = []
     for x, v in zip(xs, values):
-        phi = np.empty((x.size, T + 1))
+        phi = np.empty((x.size, T + 1), dtype=np_dtype)
         for t in range(T + 1):
             half_logw = 0.5 * (t * math.log(2.0 / sigma) - math.lgamma(t + 1))
             phi[:, t] = _scaled_monomial(x[:, None], np.array([t]), half_logw - x * x / sigma)

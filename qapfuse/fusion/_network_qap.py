@@ -22,7 +22,10 @@ size ``(n_o n_in)^2`` is ever formed.
 group and pair, ``S[i, a] = exp(-d/2) / mean`` with ``d`` the squared distance between neuron
 ``i`` of ``p`` and neuron ``a`` of ``q`` (incoming weights with ``q``'s inputs mapped by the
 current matching, outgoing weights likewise, node features), and ``F = sum <X^g_pq, S^g_pq>``;
-its "gradient" holds ``S`` fixed.
+its "gradient" holds ``S`` fixed. That objective is not affine in a block, so a coordinate
+sweep scores every trial; :class:`~qapfuse.fusion._node_kernel.NodeSimilarity` keeps each
+edge set's part of ``S`` under the version of the one matching it reads, and a trial
+recomputes only the parts next to the changed block.
 """
 
 from __future__ import annotations
@@ -36,7 +39,14 @@ import numpy as np
 import torch
 
 from ..solvers._blocks import BlockQAP
-from ._kernels import ExactGaussianPair, FeaturePair, gaussian_features, median_sigma
+from ._kernels import (
+    DEFAULT_EXPANSION_BYTES,
+    ExactGaussianPair,
+    FeaturePair,
+    gaussian_features,
+    median_sigma,
+)
+from ._node_kernel import BlockVersions, NodeSimilarity
 from .graph import NetworkGraph
 
 __all__ = ["NetData", "NetworkQAP", "net_data"]
@@ -150,8 +160,11 @@ class NetworkQAP(BlockQAP):
         group for node features).
     expansion_tol : float
         Error bound of every scalar Gaussian kernel value (Taylor expansion).
-    max_terms : int
-        Most expansion terms per scalar layer.
+    max_terms : int, optional
+        Most expansion terms per scalar layer; default: as many as `expansion_tol` needs,
+        within `max_expansion_bytes`.
+    max_expansion_bytes : float
+        Largest size of one scalar layer's expansion features (all models), in bytes.
     max_kernel_evals : float
         Largest ``(n_o n_in)^2`` for the exact Gaussian on vector (conv) edges.
 
@@ -172,7 +185,8 @@ class NetworkQAP(BlockQAP):
         pair_weights: Sequence[float] | None = None,
         sigma: float | None = None,
         expansion_tol: float = 1e-6,
-        max_terms: int = 200,
+        max_terms: int | None = None,
+        max_expansion_bytes: float = DEFAULT_EXPANSION_BYTES,
         max_kernel_evals: float = 5e8,
     ):
         self.data, self.kernel = data, kernel
@@ -192,10 +206,14 @@ class NetworkQAP(BlockQAP):
         self._self_loops = {o for o, i, _, _ in data.edges if o == i}
         self._memo: dict[tuple, torch.Tensor] = {}
         if kernel == "node":
+            self._node = NodeSimilarity(data.edges, data.nodes)
+            self._versions = BlockVersions(len(self.blocks))
             return
         for o, i, key, F in data.edges:
             self._edge_pairs.append(
-                self._pair_kernels(key, F, sigma, expansion_tol, max_terms, max_kernel_evals)
+                self._pair_kernels(
+                    key, F, sigma, expansion_tol, max_terms, max_expansion_bytes, max_kernel_evals
+                )
             )
         for g, F in data.nodes.items():
             if kernel == "inner":
@@ -207,15 +225,16 @@ class NetworkQAP(BlockQAP):
                     (p, q): torch.exp(-(torch.cdist(F[p], F[q]) ** 2) / s) for p, q, _ in self.pairs
                 }
 
-    def _pair_kernels(self, key, F, sigma, tol, max_terms, max_evals):
+    def _pair_kernels(self, key, F, sigma, tol, max_terms, max_bytes, max_evals):
         if self.kernel == "inner":
             return {(p, q): FeaturePair(F[p], F[q]) for p, q, _ in self.pairs}
         s = median_sigma([f.reshape(-1, f.shape[2]) for f in F]) if sigma is None else sigma
         self.info["sigma"][key] = s
         n_o, n_in, f = F[0].shape
         if f == 1:
-            Phi, T, bound = gaussian_features(F, s, tol, max_terms)
-            Phi = [phi.to(self.dtype) for phi in Phi]
+            Phi, T, bound = gaussian_features(
+                F, s, tol, max_terms, max_bytes=max_bytes, dtype=self.dtype, name=repr(key)
+            )
             self.info["terms"][key] = T + 1
             self.info["bound"] = max(self.info["bound"], bound)
             return {(p, q): FeaturePair(Phi[p], Phi[q]) for p, q, _ in self.pairs}
@@ -224,8 +243,11 @@ class NetworkQAP(BlockQAP):
             raise ValueError(
                 f"kernel='gaussian' on {key!r} (edges with {f} features, shape "
                 f"{tuple(F[0].shape)}) is summed exactly and needs {evals:.3g} kernel values "
-                f"per product, more than max_kernel_evals={max_evals:g}. Raise "
-                "max_kernel_evals, or use kernel='inner' or 'node'."
+                f"per product, more than max_kernel_evals={max_evals:g} (vector edges have "
+                "no factorisation with a stated error bound that is cheaper than the exact "
+                "sum: docs/fusion.md, Scale). To fix: use kernel='inner' or 'node' for this "
+                "network, or raise max_kernel_evals (time grows in proportion: about 1e7 "
+                "kernel values per second per product on a 2-core CPU)."
             )
         self.info["terms"][key] = "exact"
         return {(p, q): ExactGaussianPair(F[p], F[q], s) for p, q, _ in self.pairs}
@@ -285,11 +307,12 @@ class NetworkQAP(BlockQAP):
     # -- the operator -------------------------------------------------------------------------
     def score(self, X: Sequence[np.ndarray]) -> float:
         total = 0.0
+        versions = self._versions(X) if self.kernel == "node" else None
         for p, q, w in self.pairs:
             if self.kernel == "node":
                 for g in self.data.free_groups:
                     Xg = self._X(X, p, q, g)
-                    S = self._similarity(X, p, q, g)
+                    S = self._similarity(X, p, q, g, versions)
                     total += w * float((S * Xg).sum() if Xg is not None else S.trace())
                 continue
             for n, (o, i, _, _) in enumerate(self.data.edges):
@@ -320,11 +343,12 @@ class NetworkQAP(BlockQAP):
         def wanted(k: int, g: str) -> bool:
             return self.index.get((k, g)) in want
 
+        versions = self._versions(X) if self.kernel == "node" else None
         for p, q, w in self.pairs:
             if self.kernel == "node":
                 for g in self.data.free_groups:
                     if wanted(p, g) or wanted(q, g):
-                        S = self._similarity(X, p, q, g)
+                        S = self._similarity(X, p, q, g, versions)
                         add(p, g, S, q, w, False)
                         add(q, g, S, p, w, True)
                 continue
@@ -346,27 +370,18 @@ class NetworkQAP(BlockQAP):
             out[b] = G[b].double().numpy() if b in G else np.zeros(self.sizes[b])
         return out
 
-    def _similarity(self, X: Sequence[np.ndarray], p: int, q: int, g: str) -> torch.Tensor:
-        """GAMF's neuron similarity ``exp(-d/2) / mean`` of group `g` between models p and q."""
-        u, v = [], []
-        for o, i, _, F in self.data.edges:
-            if o == g:  # incoming weights of g's neurons; q's inputs mapped into p's order
-                Y = self._X(X, p, q, i)
-                mapped = F[q] if Y is None else torch.einsum("jb,abf->ajf", Y, F[q])
-                u.append(F[p].reshape(F[p].shape[0], -1))
-                v.append(mapped.reshape(mapped.shape[0], -1))
-            if i == g:  # outgoing weights; q's outputs mapped into p's order
-                Z = self._X(X, p, q, o)
-                mapped = F[q] if Z is None else torch.einsum("ia,abf->ibf", Z, F[q])
-                u.append(F[p].transpose(0, 1).reshape(F[p].shape[1], -1))
-                v.append(mapped.transpose(0, 1).reshape(mapped.shape[1], -1))
-        if g in self.data.nodes:
-            u.append(self.data.nodes[g][p])
-            v.append(self.data.nodes[g][q])
-        U, V = torch.cat(u, 1), torch.cat(v, 1)
-        d = (U**2).sum(1)[:, None] + (V**2).sum(1)[None, :] - 2.0 * U @ V.T
-        logS = -0.5 * d.clamp_min(0.0)
-        return torch.exp(logS - (torch.logsumexp(logS.reshape(-1), 0) - np.log(logS.numel())))
+    def _similarity(
+        self, X: Sequence[np.ndarray], p: int, q: int, g: str, versions: Sequence[int]
+    ) -> torch.Tensor:
+        """GAMF's neuron similarity of group `g` between models p and q at `X`; parts whose
+        matchings are unchanged since an earlier call are reused (:class:`NodeSimilarity`)."""
+
+        def version(h: str) -> tuple[int | None, int | None]:
+            return tuple(
+                None if (b := self.index.get((m, h))) is None else versions[b] for m in (p, q)
+            )
+
+        return self._node(p, q, g, lambda h: self._X(X, p, q, h), version)
 
     # -- conversions ----------------------------------------------------------------------------
     def blocks_from_perms(self, perms: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:

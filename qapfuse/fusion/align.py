@@ -31,7 +31,8 @@ KERNELS = ("inner", "gaussian", "node")
 _KERNEL_OPTIONS = {
     "sigma": Option("float", low=0, low_inclusive=False, allow_none=True),
     "expansion_tol": Option("float", low=0, low_inclusive=False),
-    "max_terms": Option("int", low=1),
+    "max_terms": Option("int", low=1, allow_none=True),
+    "max_expansion_bytes": Option("float", low=0, low_inclusive=False),
     "max_kernel_evals": Option("float", low=0, low_inclusive=False),
     "precision": Option("choice", choices=("float64", "float32")),
 }
@@ -126,8 +127,13 @@ def align(
       :mod:`qapfuse.fusion._activation`);
     * ``"none"``: the identity (plain averaging).
 
-    First-order methods optimise the inner-product objective whatever `kernel` is; `kernel`
-    then only sets the objective reported, so methods compare on one objective.
+    First-order methods (and activation matching) optimise their own criterion whatever
+    `kernel` is; `kernel` then only sets the objective reported, so methods compare on one
+    objective.
+
+    Options: every method takes the kernel options, which configure the kernel that scores
+    the reported objective (and, for ``"gamf"``, the one it optimises); the other options
+    are the method's own, and an option the method does not know raises ``TypeError``.
 
     Parameters
     ----------
@@ -155,10 +161,13 @@ def align(
         Method options (``gamf``: ``tau0``, ``tau_min``, ``decay``, ``step``, ``max_inner``,
         ``sk_iter``, ``tol``, ``max_sweeps``, ``time_limit``; ``weight``: ``restarts``,
         ``max_sweeps``, ``time_limit``; ``merge_many``: ``max_rounds``, ``max_sweeps``;
-        ``c2m3``: ``max_iter``, ``tol``, ``max_sweeps``, ``time_limit``) and kernel options
-        (``sigma``, ``expansion_tol`` (default 1e-6), ``max_terms`` (200),
-        ``max_kernel_evals`` (5e8), ``precision``: ``"float64"`` (default) or ``"float32"``,
-        the arithmetic of the kernel products, about twice as fast on large networks).
+        ``c2m3``: ``max_iter``, ``tol``, ``max_sweeps``, ``time_limit``; ``activation``:
+        ``batch_size``, ``max_samples``) and kernel options, accepted by every method
+        (``sigma``, ``expansion_tol`` (default 1e-6), ``max_terms`` (None: as many as
+        ``expansion_tol`` needs), ``max_expansion_bytes`` (2 GiB of expansion features per
+        scalar layer), ``max_kernel_evals`` (5e8), ``precision``: ``"float64"`` (default)
+        or ``"float32"``, the arithmetic of the kernel products, about twice as fast on large
+        networks).
 
     Returns
     -------
@@ -202,16 +211,19 @@ def align(
     N = len(sds)
     w = _weights(weights, N, caller)
     spec = _spec(models, sds, spec, example_input, caller)
+    # kernel options configure the kernel that scores the objective, whatever the method;
+    # the rest are the method's own
+    kern_opts = check_options(
+        {k: v for k, v in options.items() if k in _KERNEL_OPTIONS}, _KERNEL_OPTIONS, caller
+    )
+    opts = {k: v for k, v in options.items() if k not in _KERNEL_OPTIONS}
     if method == "activation":
         from ._activation import activation_perms
 
-        perms = activation_perms(models, spec, data, rng=rng, **options)
-        kern_opts: dict[str, Any] = {}
-        opts: dict[str, Any] = {}
+        perms = activation_perms(models, spec, data, rng=rng, **opts)
     else:
         valid = {**_METHOD_OPTIONS[method], **_KERNEL_OPTIONS}
-        opts = check_options(options, valid, caller)
-        kern_opts = {k: opts.pop(k) for k in list(opts) if k in _KERNEL_OPTIONS}
+        opts = check_options(opts, valid, caller)
     precision = kern_opts.pop("precision", "float64")
     nets = net_data([to_graph(sd, spec) for sd in sds], getattr(torch, precision))
     n_params = sum(int(t.numel()) for t in sds[0].values())

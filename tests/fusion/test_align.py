@@ -153,7 +153,9 @@ def test_errors_name_the_argument():
 def test_gaussian_on_large_conv_edges_refuses_with_the_budget():
     model, _ = make("lenet")
     with pytest.raises(
-        ValueError, match=r"'conv1.weight'.*needs 16 kernel values.*max_kernel_evals=10"
+        ValueError,
+        match=r"'conv1.weight'.*needs 16 kernel values.*max_kernel_evals=10.*"
+        r"To fix: use kernel='inner' or 'node'.*raise max_kernel_evals",
     ):
         align([model, model], spec=traced("lenet"), kernel="gaussian", max_kernel_evals=10)
 
@@ -175,6 +177,24 @@ def test_activation_method_dispatches_to_activation_matching():
     res = align([model, shuffled], method="activation", spec=spec, data=torch.randn(64, 20))
     assert res.method == "activation"
     assert _same(*_common([model.state_dict(), shuffled], spec, res))
+
+
+def test_kernel_options_score_every_method_and_method_options_reach_the_method():
+    model, _ = make("mlp")
+    spec = traced("mlp")
+    other = copy.deepcopy(model)
+    other.load_state_dict(permute(model, spec, random_permutations(spec, rng=2)))
+    kw = {"method": "activation", "spec": spec, "data": torch.randn(64, 20), "kernel": "gaussian"}
+    res = align([model, other], sigma=0.5, max_samples=32, **kw)
+    assert set(res.info["sigma"].values()) == {0.5}
+    # the objective is the Gaussian one at sigma 0.5: "none" on the aligned pair agrees
+    back = permute(other, spec, res.perms[1])
+    same = align([model, back], method="none", spec=spec, kernel="gaussian", sigma=0.5)
+    assert res.objective == pytest.approx(same.objective, rel=1e-12)
+    with pytest.raises(ValueError, match="max_terms=1"):
+        align([model, other], max_terms=1, **kw)
+    with pytest.raises(TypeError, match="restarts"):
+        align([model, other], restarts=2, **kw)  # weight matching's option, not activation's
 
 
 def test_float32_products_give_the_same_alignment():

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from qapfuse.fusion import align, permute, random_permutations, trace
 from qapfuse.fusion._kernels import (
     ExactGaussianPair,
     FeaturePair,
     gaussian_features,
     median_sigma,
 )
+from qapfuse.fusion.models import MLP
 
 
 def _edges(seed, shape):
@@ -82,3 +84,60 @@ def test_expansion_refuses_past_max_terms():
     W = [_edges(0, (4, 4, 1)), _edges(1, (4, 4, 1))]
     with pytest.raises(ValueError, match="max_terms=3"):
         gaussian_features(W, 1e-3, 1e-8, 3)
+
+
+def _heavy_tailed(seed, shape, outlier):
+    """Edges like a trained layer's: small weights and one far outlier (z of about 200)."""
+    W = _edges(seed, shape) * 0.1
+    W[0, 0, 0] = outlier
+    return W
+
+
+def test_expansion_terms_follow_the_bound_for_any_weight_scale():
+    # a trained MNIST MLP's layer had z = 180 (249 terms): the default must not give up
+    Wp, Wq = _heavy_tailed(0, (6, 5, 1), 0.45), _heavy_tailed(1, (6, 5, 1), -0.4)
+    sigma = median_sigma([Wp.reshape(-1, 1), Wq.reshape(-1, 1)])
+    (Fp, Fq), T, bound = gaussian_features([Wp, Wq], sigma, 1e-6)
+    assert T + 1 > 200 and bound <= 1e-6
+    Y = torch.rand(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    exact, _ = _brute(Wp, Wq, sigma, Y)
+    err = float((FeaturePair(Fp, Fq).apply(Y) - exact).abs().max())
+    assert err <= bound * float(Y.sum()) + 1e-12
+
+
+def test_align_gaussian_default_handles_a_heavy_tailed_mlp():
+    torch.manual_seed(0)
+    a, b = MLP(5, (4,), 3), MLP(5, (4,), 3)
+    with torch.no_grad():
+        a.layers[0].weight[0, 0] = 40 * a.layers[0].weight.std()
+    spec = trace(a, torch.zeros(1, 5))
+    res = align([a, b], method="none", kernel="gaussian", spec=spec)
+    assert res.info["terms"]["layers.0.weight"] > 200 and res.info["bound"] <= 1e-6
+
+
+def test_expansion_refuses_past_its_memory_budget_and_says_what_to_change():
+    W = [_edges(0, (4, 4, 1)), _edges(1, (4, 4, 1))]
+    with pytest.raises(ValueError, match=r"max_expansion_bytes=100.*precision='float32'"):
+        gaussian_features(W, 1e-2, 1e-8, max_bytes=100, name="'fc'")
+
+
+@pytest.mark.parametrize("f", [1, 9])
+def test_median_sigma_does_not_depend_on_the_channel_order(f):
+    # sampled regime (more pairs than max_pairs): sigma must see the edges as a multiset
+    W = [_edges(s, (12, 10, f)) for s in range(3)]
+    g = torch.Generator().manual_seed(4)
+    out, inp = torch.randperm(12, generator=g), torch.randperm(10, generator=g)
+    shuffled = [W[0], W[1][out][:, inp], W[2][:, inp]]
+    a = median_sigma([w.reshape(-1, f) for w in W], max_pairs=500)
+    b = median_sigma([w.reshape(-1, f) for w in shuffled], max_pairs=500)
+    assert a == b
+
+
+def test_gaussian_sigmas_of_a_permuted_network_are_unchanged():
+    torch.manual_seed(2)
+    models = [MLP(40, (30,), 20) for _ in range(2)]  # 1200 edges per layer: sigma is sampled
+    spec = trace(models[0], torch.zeros(1, 40))
+    shuffled = permute(models[1], spec, random_permutations(spec, rng=5))
+    opts = {"method": "none", "kernel": "gaussian", "spec": spec}
+    ref = align(models, **opts).info["sigma"]
+    assert align([models[0], shuffled], **opts).info["sigma"] == ref

@@ -329,16 +329,17 @@ class NetworkQAP(BlockQAP):
         self, X: Sequence[np.ndarray], blocks: Sequence[int] | None = None
     ) -> list[np.ndarray | None]:
         want = set(range(len(self.blocks)) if blocks is None else blocks)
-        G: dict[int, torch.Tensor] = {}
+        # block b's gradient is sum over pairs (b's model, other) of (sum of that pair's
+        # products for b's group) @ U_other: the products are summed first, so each pair
+        # costs one multiplication by U_other per block, not one per edge set
+        acc: dict[tuple[int, int], torch.Tensor] = {}
 
         def add(k: int, g: str, R: torch.Tensor, other: int, w: float, t: bool) -> None:
             b = self.index.get((k, g))
             if b is None or b not in want:
                 return
-            R = R.T if t else R
-            Uo = self._U(X, other, g)
-            contrib = w * (R if Uo is None else R @ Uo)
-            G[b] = G[b] + contrib if b in G else contrib
+            R = w * (R.T if t else R)
+            acc[b, other] = acc[b, other] + R if (b, other) in acc else R
 
         def wanted(k: int, g: str) -> bool:
             return self.index.get((k, g)) in want
@@ -365,6 +366,11 @@ class NetworkQAP(BlockQAP):
                 if wanted(p, g) or wanted(q, g):
                     add(p, g, aff[(p, q)], q, w, False)
                     add(q, g, aff[(p, q)], p, w, True)
+        G: dict[int, torch.Tensor] = {}
+        for (b, other), R in acc.items():
+            Uo = self._U(X, other, self.blocks[b][1])
+            contrib = R if Uo is None else R @ Uo
+            G[b] = G[b] + contrib if b in G else contrib
         out: list[np.ndarray | None] = [None] * len(self.blocks)
         for b in want:
             out[b] = G[b].double().numpy() if b in G else np.zeros(self.sizes[b])

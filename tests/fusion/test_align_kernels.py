@@ -64,6 +64,22 @@ def test_inner_feature_pair_is_the_weight_matching_product():
     )
 
 
+def test_inner_feature_pair_with_hard_matchings_equals_the_dense_product():
+    # permutations take the row-gather path; a partial 0/1 matrix (a zero row) must not
+    Wp, Wq = _edges(7, (3, 4, 2)), _edges(8, (3, 4, 2))
+    pair = FeaturePair(Wp, Wq)
+    P = torch.eye(4, dtype=torch.float64)[torch.tensor([2, 0, 3, 1])]
+    Q = torch.eye(3, dtype=torch.float64)[torch.tensor([1, 2, 0])]
+    partial = P.clone()
+    partial[1] = 0.0
+    for Y in (P, partial):
+        want = sum(Wp[..., t] @ Y @ Wq[..., t].T for t in range(2))
+        torch.testing.assert_close(pair.apply(Y), want)
+    torch.testing.assert_close(
+        pair.apply_t(Q), sum(Wp[..., t].T @ Q @ Wq[..., t] for t in range(2))
+    )
+
+
 def test_median_sigma_is_the_median_of_cross_model_squared_distances():
     F = [_edges(s, (30, 3)) for s in range(3)]
     d2 = [

@@ -353,14 +353,14 @@ def test_tabu_time_limit_is_respected():
 @pytest.mark.parametrize("strategy", ["first", "best"])
 def test_two_opt_time_limit_is_respected_and_warns_when_cut(strategy):
     rng = np.random.default_rng(1)
-    n, limit = 300, 0.05
+    n, limit = 800, 0.05
     p = Problem.koopmans_beckmann(rng.random((n, n)), rng.random((n, n)), sense="min")
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         res = two_opt(p, strategy=strategy, time_limit=limit, rng=0)
-    assert time.perf_counter() - t0 < 5 * limit + 0.2  # + the O(n^3) set-up of "best"
-    assert not res.converged  # a random n=300 start needs far more than 0.05 s
+    assert time.perf_counter() - t0 < 5 * limit + 1.0  # + the O(n^3) set-up of "best"
+    assert not res.converged  # n=800 needs far more than 0.05 s (n=300 did not, quiet)
     assert any(issubclass(w.category, ConvergenceWarning) for w in seen)
 
 

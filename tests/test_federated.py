@@ -41,10 +41,22 @@ def _outputs(state, x):
         return net(x)
 
 
-@pytest.mark.parametrize("method", ["gamf", "weight", "merge_many", "c2m3"])
-def test_matching_aggregation_of_permuted_copies_returns_the_model(permuted_clients, method):
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("gamf", {"from_global": False}),
+        ("gamf", {"start": "uniform"}),  # multi-round, with the full annealing asked for
+        ("weight", {}),  # matched to the global model
+        ("merge_many", {"from_global": False}),
+        ("c2m3", {"from_global": False}),
+    ],
+)
+def test_matching_aggregation_of_permuted_copies_returns_the_model(
+    permuted_clients, method, options
+):
+    # shuffled copies did not train from the global model in its order: a one-shot round
     _, spec, sd, clients = permuted_clients
-    out = aggregate(sd, clients, [10, 20, 30], method=method, spec=spec, rng=0)
+    out = aggregate(sd, clients, [10, 20, 30], method=method, spec=spec, rng=0, **options)
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_outputs(out.state_dict, x), _outputs(sd, x), rtol=1e-5, atol=1e-5)
     assert out.accepted == (0, 1, 2) and out.rejected == ()
@@ -52,6 +64,20 @@ def test_matching_aggregation_of_permuted_copies_returns_the_model(permuted_clie
     if method == "weight":  # matched to the global model: its own order comes back exactly
         for key, value in sd.items():
             torch.testing.assert_close(out.state_dict[key], value)
+
+
+@pytest.mark.parametrize("method", ["gamf", "weight", "merge_many", "c2m3"])
+def test_clients_near_the_global_model_are_averaged_in_its_order(permuted_clients, method):
+    # multi-round FL: every client trained a little from the global model; matching must
+    # leave every unit where it is, so the aggregate is FedAvg's, bit for bit
+    _, spec, sd, _ = permuted_clients
+    gen = torch.Generator().manual_seed(1)
+    clients = [{k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
+               for _ in range(4)]  # fmt: skip
+    out = aggregate(sd, clients, [10, 20, 30, 40], method=method, spec=spec, rng=0)
+    fedavg = aggregate(sd, clients, [10, 20, 30, 40], method="fedavg")
+    assert out.non_identity == 0.0
+    assert all(torch.equal(out.state_dict[k], fedavg.state_dict[k]) for k in sd)
 
 
 def test_fedavg_of_permuted_copies_is_not_the_model(permuted_clients):

@@ -38,7 +38,7 @@ _KERNEL_OPTIONS = {
     "precision": Option("choice", choices=("float64", "float32")),
 }
 _METHOD_OPTIONS: dict[str, dict[str, Option]] = {
-    "gamf": {**ANNEAL_OPTIONS},
+    "gamf": {**ANNEAL_OPTIONS, "start": Option("choice", choices=("uniform", "identity"))},
     "weight": {
         "restarts": Option("int", low=1),
         "max_sweeps": Option("int", low=1),
@@ -161,7 +161,12 @@ def align(
         A tqdm bar on stderr; default: on for models over a million parameters.
     **options
         Method options (``gamf``: ``tau0``, ``tau_min``, ``decay``, ``step``, ``max_inner``,
-        ``sk_iter``, ``tol``, ``max_sweeps``, ``time_limit``; ``weight``: ``restarts``,
+        ``sk_iter``, ``tol``, ``max_sweeps``, ``time_limit``, and ``start``: ``"uniform"``
+        (default: anneal from the uniform matching at ``tau0``) or ``"identity"`` (start at
+        the models' own order, at ``tau0 = tau_min`` unless `tau0` is given: for models that
+        share a recent common start, such as federated clients after one round, where
+        annealing from the uniform matching only finds the identity again, 10-20 times
+        slower); ``weight``: ``restarts``,
         ``max_sweeps``, ``time_limit``; ``merge_many``: ``max_rounds``, ``max_sweeps``;
         ``c2m3``: ``max_iter``, ``tol``, ``max_sweeps``, ``time_limit``; ``activation``:
         ``batch_size``, ``max_samples``) and kernel options, accepted by every method
@@ -242,6 +247,9 @@ def align(
         if method == "none":
             perms = op.perms_from_blocks([np.eye(*s) for s in op.sizes])
         elif method == "gamf":
+            if opts.pop("start", "uniform") == "identity":
+                opts.setdefault("tau0", opts.get("tau_min", 5e-3))
+                opts["x0"] = [np.eye(*s) for s in op.sizes]
             with _Bar(show, "align gamf", _stages(opts)) as bar:
                 res = solve_blocks(op, rng=gen, progress=bar.stage, **opts)
             perms = op.perms_from_blocks(res.X)

@@ -212,7 +212,9 @@ def aggregate(
         Whether the clients trained from `global_state` (multi-round FL, the default). False in
         a one-shot round, where they start from their own initialisations: the global model is
         then unrelated to them, so ``"weight"`` matches every client to the first accepted one
-        instead.
+        instead. With True, ``"gamf"`` starts at the identity at its lowest temperature
+        (``start="identity"`` of :func:`~qapfuse.fusion.align`; pass ``start="uniform"`` in
+        `options` for the full annealing); with False it anneals from the uniform matching.
     rng : None, int or numpy.random.Generator
         Randomness of the alignment.
     **options
@@ -282,6 +284,9 @@ def aggregate(
         elif len(states) == 1:
             ref, perms = None, []
         else:
+            if method == "gamf" and from_global:
+                # clients that started from one global model are nearly aligned already
+                options = {"start": "identity", **options}
             al = align(states, method=method, spec=spec, weights=w, rng=rng, **options)
             ref, perms = al.perms[0], al.perms
         if ref is not None:

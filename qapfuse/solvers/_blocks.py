@@ -253,7 +253,8 @@ def solve_blocks(
     rounds every block by the Hungarian method and polishes it with :func:`coordinate_ascent`.
     The identity start is polished too (that is :func:`coordinate_lap` with one restart) and
     the better of the two is returned, so the result is never below a plain coordinate ascent
-    run with the same block orders; ``info`` says which won.
+    run with the same block orders; ``info`` says which won. When the annealing rounds to the
+    identity itself, the second polish would start where the first did and is skipped.
 
     Parameters
     ----------
@@ -327,15 +328,15 @@ def solve_blocks(
         on_stage=progress,
     )
     X = _round(res.X)
+    eye = _identity_blocks(sizes)
+    at_identity = all(np.array_equal(x, i) for x, i in zip(X, eye))
     rounded = op.score(X)
     # two polished candidates: the annealed rounding and the identity start (which the
     # polish turns into plain coordinate ascent); the better one is returned
     X, s, sweeps, _ = coordinate_ascent(op, X, rng=gen, max_sweeps=max_sweeps, score=rounded)
     candidates = {"annealed": float(s)}
-    if max_sweeps > 0:
-        Xi, si, sw_i, _ = coordinate_ascent(
-            op, _identity_blocks(sizes), rng=gen, max_sweeps=max_sweeps
-        )
+    if max_sweeps > 0 and not at_identity:
+        Xi, si, sw_i, _ = coordinate_ascent(op, eye, rng=gen, max_sweeps=max_sweeps)
         candidates["identity"] = float(si)
         sweeps += sw_i
         if si > s:

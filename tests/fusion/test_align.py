@@ -103,6 +103,25 @@ def test_gamf_inner_objective_is_at_least_weight_matchings():
         assert g.objective >= w.objective - 1e-12, values
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+def test_identity_start_keeps_nearby_models_in_order_in_one_stage(name):
+    # models that trained a little from one start (federated clients after a round)
+    model, _ = make(name)
+    spec = traced(name)
+    gen = torch.Generator().manual_seed(0)
+    models = [
+        {k: v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+         for k, v in model.state_dict().items()}
+        for _ in range(3)
+    ]  # fmt: skip
+    warm = align(models, spec=spec, rng=0, start="identity")
+    cold = align(models, spec=spec, rng=0, **FAST)
+    assert all(np.array_equal(p, np.arange(p.size)) for d in warm.perms for p in d.values())
+    assert warm.objective == pytest.approx(cold.objective, rel=1e-12)
+    assert warm.n_iter <= 10  # one temperature (tau_min) of at most max_inner steps
+    assert "identity" not in warm.info["candidates"]  # the same start is polished once
+
+
 def test_inputs_are_not_modified():
     model, _ = make("mlp")
     spec = traced("mlp")
@@ -132,6 +151,8 @@ def test_errors_name_the_argument():
         align(two, spec=spec, method="weight", tau0=1.0)
     with pytest.raises(ValueError, match="'tau0' parameter of align must be a float > 0"):
         align(two, spec=spec, tau0=-1.0)
+    with pytest.raises(ValueError, match="'start' parameter of align"):
+        align(two, spec=spec, start="random")
     with pytest.raises(ValueError, match="at least 2 models"):
         align([model], spec=spec)
     with pytest.raises(ValueError, match="'spec' or an 'example_input'"):

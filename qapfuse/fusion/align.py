@@ -251,7 +251,10 @@ def align(
                 opts.setdefault("tau0", opts.get("tau_min", 5e-3))
                 opts["x0"] = [np.eye(*s) for s in op.sizes]
             with _Bar(show, "align gamf", _stages(opts)) as bar:
-                res = solve_blocks(op, rng=gen, progress=bar.stage, **opts)
+                # an int seed goes through as such: with two models and the inner kernel,
+                # the identity candidate is then `weight` with the same seed
+                seed = rng if isinstance(rng, (int, np.integer)) else gen
+                res = solve_blocks(op, rng=seed, progress=bar.stage, **opts)
             perms = op.perms_from_blocks(res.X)
             n_iter = res.n_iter
             info.update(converged=res.converged, **res.info)

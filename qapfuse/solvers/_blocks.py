@@ -253,8 +253,8 @@ def solve_blocks(
     rounds every block by the Hungarian method and polishes it with :func:`coordinate_ascent`.
     The identity start is polished too (that is :func:`coordinate_lap` with one restart) and
     the better of the two is returned, so the result is never below a plain coordinate ascent
-    run with the same block orders; ``info`` says which won. When the annealing rounds to the
-    identity itself, the second polish would start where the first did and is skipped.
+    run (with an int `rng`: the same run); ``info`` says which won. When the annealing rounds
+    to the identity itself, that one polish is the identity's.
 
     Parameters
     ----------
@@ -271,7 +271,9 @@ def solve_blocks(
     x0 : list of numpy.ndarray, optional
         Soft start per block. Default: uniform plus 1e-3 noise (from `rng`).
     rng : None, int or Generator
-        Start noise and the polish's block order.
+        Start noise and the polish's block order. With an int seed the identity candidate is
+        :func:`coordinate_lap` with the same seed and defaults, block order included, so the
+        result is never below it.
     progress : callable, optional
         Called with each temperature stage's history entry.
 
@@ -333,10 +335,15 @@ def solve_blocks(
     rounded = op.score(X)
     # two polished candidates: the annealed rounding and the identity start (which the
     # polish turns into plain coordinate ascent); the better one is returned
-    X, s, sweeps, _ = coordinate_ascent(op, X, rng=gen, max_sweeps=max_sweeps, score=rounded)
+    # an int seed starts the identity polish's own stream, so that it is exactly
+    # coordinate_lap(op, rng=seed): weight matching with the same seed
+    own = backend.rng_from(rng) if isinstance(rng, (int, np.integer)) else gen
+    X, s, sweeps, _ = coordinate_ascent(
+        op, X, rng=own if at_identity else gen, max_sweeps=max_sweeps, score=rounded
+    )
     candidates = {"annealed": float(s)}
     if max_sweeps > 0 and not at_identity:
-        Xi, si, sw_i, _ = coordinate_ascent(op, eye, rng=gen, max_sweeps=max_sweeps)
+        Xi, si, sw_i, _ = coordinate_ascent(op, eye, rng=own, max_sweeps=max_sweeps)
         candidates["identity"] = float(si)
         sweeps += sw_i
         if si > s:

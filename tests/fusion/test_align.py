@@ -91,16 +91,17 @@ def test_n_model_alignment_is_cycle_consistent(method):
         assert np.array_equal(pair(1, 2, g)[pair(0, 1, g)], pair(0, 2, g))
 
 
-def test_gamf_inner_objective_is_at_least_weight_matchings():
-    values = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        a, b = MLP(12, (10, 8), 4), MLP(12, (10, 8), 4)
-        spec = trace(a, torch.zeros(1, 12))
-        g = align([a, b], spec=spec, rng=0)
-        w = align([a, b], method="weight", spec=spec, rng=0)
-        values.append((g.objective, w.objective))
-        assert g.objective >= w.objective - 1e-12, values
+@pytest.mark.parametrize("seed", range(12))
+def test_gamf_inner_objective_is_at_least_weight_matchings_with_the_same_seed(seed):
+    # a short schedule, so that on some seeds (8 here) the annealed candidate is the worse one
+    torch.manual_seed(seed)
+    a, b = MLP(12, (10, 8), 4), MLP(12, (10, 8), 4)
+    spec = trace(a, torch.zeros(1, 12))
+    g = align([a, b], spec=spec, rng=seed, tau_min=0.05)
+    w = align([a, b], method="weight", spec=spec, rng=seed)
+    # gamf's identity candidate is weight matching itself: same seed, same block orders
+    assert g.info["candidates"]["identity"] == pytest.approx(w.objective, rel=1e-12)
+    assert g.objective >= w.objective
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet20"])

@@ -18,6 +18,26 @@ Git Re-Basin's weight-matching objective. The gradient of a block touches only t
 of its group and the neighbouring groups' current matchings ("slice and scan"); nothing of
 size ``(n_o n_in)^2`` is ever formed.
 
+Where the kernel is an inner product of feature maps ``Phi`` (``kernel="inner"``: the weights;
+``"gaussian"`` on scalar edges: the Taylor features; inner-product node affinities
+``F_p F_q^T``), a pair's term is ``<A_p, A_q>`` with every model mapped into the universe,
+``A_k = U_k^{oT} Phi_{k,t} U_k^in`` per feature ``t``, so
+
+.. math::
+
+    \sum_{p<q} w_p w_q \langle A_p, A_q \rangle, \qquad
+    \frac{\partial}{\partial U_k} = w_k \frac{\partial \langle A_k, R_k \rangle}{\partial U_k},
+    \quad R_k = \sum_{q \ne k} w_q A_q,
+
+that is ``w_k sum_t Phi_t U^in R_t^T`` for the out side and ``w_k sum_t Phi_t^T U^o R_t`` for
+the in side (a group that feeds itself gets both: the product rule). Score and gradient cost
+``O(N)`` products instead of one per model pair, and each ``A_k`` is kept while its two
+matchings are unchanged, so a coordinate sweep's one-block gradient maps one model. A term
+with one side fixed (a first layer, node features) is summed instead through its constant
+pair Gram matrices ``Phi_p Phi_q^T`` where those are cheaper (``N n_free < 2 n_fixed T``).
+The exact Gaussian on vector (conv) edges and Gaussian node affinities are not inner products
+of feature maps and are summed pair by pair.
+
 ``kernel="node"`` is the neuron-similarity fixed point of GAMF's released solver: for each
 group and pair, ``S[i, a] = exp(-d/2) / mean`` with ``d`` the squared distance between neuron
 ``i`` of ``p`` and neuron ``a`` of ``q`` (incoming weights with ``q``'s inputs mapped by the

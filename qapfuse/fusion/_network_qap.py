@@ -18,6 +18,26 @@ Git Re-Basin's weight-matching objective. The gradient of a block touches only t
 of its group and the neighbouring groups' current matchings ("slice and scan"); nothing of
 size ``(n_o n_in)^2`` is ever formed.
 
+Where the kernel is an inner product of feature maps ``Phi`` (``kernel="inner"``: the weights;
+``"gaussian"`` on scalar edges: the Taylor features; inner-product node affinities
+``F_p F_q^T``), a pair's term is ``<A_p, A_q>`` with every model mapped into the universe,
+``A_k = U_k^{oT} Phi_{k,t} U_k^in`` per feature ``t``, so
+
+.. math::
+
+    \sum_{p<q} w_p w_q \langle A_p, A_q \rangle, \qquad
+    \frac{\partial}{\partial U_k} = w_k \frac{\partial \langle A_k, R_k \rangle}{\partial U_k},
+    \quad R_k = \sum_{q \ne k} w_q A_q,
+
+that is ``w_k sum_t Phi_t U^in R_t^T`` for the out side and ``w_k sum_t Phi_t^T U^o R_t`` for
+the in side (a group that feeds itself gets both: the product rule). Score and gradient cost
+``O(N)`` products instead of one per model pair, and each ``A_k`` is kept while its two
+matchings are unchanged, so a coordinate sweep's one-block gradient maps one model. A term
+with one side fixed (a first layer, node features) is summed instead through its constant
+pair Gram matrices ``Phi_p Phi_q^T`` where those are cheaper (``N n_free < 2 n_fixed T``).
+The exact Gaussian on vector (conv) edges and Gaussian node affinities are not inner products
+of feature maps and are summed pair by pair.
+
 ``kernel="node"`` is the neuron-similarity fixed point of GAMF's released solver: for each
 group and pair, ``S[i, a] = exp(-d/2) / mean`` with ``d`` the squared distance between neuron
 ``i`` of ``p`` and neuron ``a`` of ``q`` (incoming weights with ``q``'s inputs mapped by the
@@ -42,11 +62,10 @@ from ..solvers._blocks import BlockQAP
 from ._kernels import (
     DEFAULT_EXPANSION_BYTES,
     ExactGaussianPair,
-    FeaturePair,
     gaussian_features,
     median_sigma,
 )
-from ._node_kernel import BlockVersions, NodeSimilarity
+from ._node_kernel import BlockVersions, NodeSimilarity, _lookup, _permutation, _store
 from .graph import NetworkGraph
 
 __all__ = ["NetData", "NetworkQAP", "net_data"]
@@ -194,40 +213,77 @@ class NetworkQAP(BlockQAP):
         N = data.n_models
         self.N = N
         w = np.ones(N) if pair_weights is None else np.asarray(pair_weights, dtype=np.float64)
-        self.pairs = [(p, q, float(w[p] * w[q])) for p in range(N) for q in range(p + 1, N)]
+        self.w = [float(x) for x in w]
+        self.pairs = [(p, q, self.w[p] * self.w[q]) for p in range(N) for q in range(p + 1, N)]
         free = data.free_groups
         self.blocks = [(k, g) for k in range(1, N) for g in free]
         self.index = {b: n for n, b in enumerate(self.blocks)}
         self.sizes = [(data.groups[g], data.groups[g]) for _, g in self.blocks]
         self.info: dict[str, Any] = {"sigma": {}, "terms": {}, "bound": 0.0}
-        self._edge_pairs: list[dict[tuple[int, int], Any]] = []
-        self._node_aff: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-        self._cache: dict[tuple[int, str, int, int], torch.Tensor] = {}
         self._self_loops = {o for o, i, _, _ in data.edges if o == i}
+        self._versions = BlockVersions(len(self.blocks))
+        # factorised terms (out group, in group or None, per-model features (n_o, T, n_in))
+        self._terms: list[tuple[str, str | None, list[torch.Tensor]]] = []
+        self._mapped_cache: dict[tuple[int, int], dict] = {}
+        # pairwise terms: edge sets with the exact Gaussian; constant pair affinities per
+        # group (Gaussian node affinities, the Gram matrices of cheap fixed-side terms)
+        self._edge_pairs: dict[int, dict[tuple[int, int], ExactGaussianPair]] = {}
+        self._pair_aff: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+        self._cache: dict[tuple[int, str, int, int], torch.Tensor] = {}
         self._memo: dict[tuple, torch.Tensor] = {}
         if kernel == "node":
             self._node = NodeSimilarity(data.edges, data.nodes)
-            self._versions = BlockVersions(len(self.blocks))
             return
-        for o, i, key, F in data.edges:
-            self._edge_pairs.append(
-                self._pair_kernels(
-                    key, F, sigma, expansion_tol, max_terms, max_expansion_bytes, max_kernel_evals
-                )
+        for n, (o, i, key, F) in enumerate(data.edges):
+            kern = self._edge_kernel(
+                key, F, sigma, expansion_tol, max_terms, max_expansion_bytes, max_kernel_evals
             )
+            if isinstance(kern, dict):
+                self._edge_pairs[n] = kern
+            else:
+                self._add_inner_term(o, i, [f.permute(0, 2, 1).contiguous() for f in kern])
         for g, F in data.nodes.items():
             if kernel == "inner":
-                self._node_aff[g] = {(p, q): F[p] @ F[q].T for p, q, _ in self.pairs}
+                self._add_inner_term(g, None, [f[:, :, None] for f in F])
             else:
                 s = median_sigma(F) if sigma is None else sigma
                 self.info["sigma"][g] = s
-                self._node_aff[g] = {
-                    (p, q): torch.exp(-(torch.cdist(F[p], F[q]) ** 2) / s) for p, q, _ in self.pairs
-                }
+                for p, q, _ in self.pairs:
+                    L = torch.exp(-(torch.cdist(F[p], F[q]) ** 2) / s)
+                    self._add_pair_affinity(g, p, q, L)
 
-    def _pair_kernels(self, key, F, sigma, tol, max_terms, max_bytes, max_evals):
+    def _add_inner_term(self, o: str, i: str | None, feats: list[torch.Tensor]) -> None:
+        """An inner-product term, features ``(n_o, T, n_in)`` per model (``i`` None: node
+        features, ``n_in = 1``): factorised in the universe, or, when one side is fixed and
+        the pairs' Gram matrices are cheaper, as constant pair affinities of the free group.
+
+        Per soft gradient the universe costs ``2 (N-1) n_free^2 n_fixed T`` (map the free side,
+        contract with the rest), the Gram matrices ``N (N-1) n_free^3`` (one product by the
+        other model's matching per pair and direction).
+        """
+        fixed_o, fixed_i = o in self.data.fixed, i is None or i in self.data.fixed
+        n_o, T, n_in = feats[0].shape
+        if fixed_o != fixed_i:
+            n_free, n_fixed = (n_in, n_o) if fixed_o else (n_o, n_in)
+            if self.N * n_free < 2 * n_fixed * T:
+                for p, q, _ in self.pairs:
+                    if fixed_o:  # sum_{i,t} Phi_p[i, t, j] Phi_q[i, t, b]
+                        L = feats[p].reshape(-1, n_in).T @ feats[q].reshape(-1, n_in)
+                    else:  # sum_{j,t} Phi_p[i, t, j] Phi_q[a, t, j]
+                        L = feats[p].reshape(n_o, -1) @ feats[q].reshape(n_o, -1).T
+                    self._add_pair_affinity(i if fixed_o else o, p, q, L)
+                return
+        self._terms.append((o, i, feats))
+
+    def _add_pair_affinity(self, g: str, p: int, q: int, L: torch.Tensor) -> None:
+        """Add ``<L, X_pq^g>`` to the objective (pair weight applied later)."""
+        aff = self._pair_aff.setdefault(g, {})
+        aff[p, q] = aff[p, q] + L if (p, q) in aff else L
+
+    def _edge_kernel(self, key, F, sigma, tol, max_terms, max_bytes, max_evals):
+        """Every model's feature maps (an inner-product kernel), or the pairs' exact kernels."""
         if self.kernel == "inner":
-            return {(p, q): FeaturePair(F[p], F[q]) for p, q, _ in self.pairs}
+            return F
         s = median_sigma([f.reshape(-1, f.shape[2]) for f in F]) if sigma is None else sigma
         self.info["sigma"][key] = s
         n_o, n_in, f = F[0].shape
@@ -237,7 +293,7 @@ class NetworkQAP(BlockQAP):
             )
             self.info["terms"][key] = T + 1
             self.info["bound"] = max(self.info["bound"], bound)
-            return {(p, q): FeaturePair(Phi[p], Phi[q]) for p, q, _ in self.pairs}
+            return Phi
         evals = float(n_o * n_in) ** 2
         if evals > max_evals:
             raise ValueError(
@@ -277,6 +333,92 @@ class NetworkQAP(BlockQAP):
             return Up
         return Up @ Uq.T
 
+    # -- factorised terms: every model mapped into the universe ---------------------------------
+    def _mapped(
+        self, m: int, k: int, at: _Point, partial: tuple[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``A_k = U_k^{oT} Phi_k U_k^in`` of term `m` (layout ``(n_o, T, n_in)``), kept while
+        both matchings are unchanged; `partial` is ``("in", Phi_k U_k^in)`` or
+        ``("out", U_k^{oT} Phi_k)`` when the caller has it."""
+        o, i, feats = self._terms[m]
+        sig = (at.version(k, o), at.version(k, i))
+        if sig == (None, None):
+            return feats[k]
+        A = _lookup(self._mapped_cache, (m, k), sig)
+        if A is None:
+            if partial is not None and partial[0] == "in":
+                A = _map_out(partial[1], at.matching(k, o))
+            elif partial is not None:
+                A = _map_in(partial[1], at.matching(k, i))
+            else:
+                A = _map_out(_map_in(feats[k], at.matching(k, i)), at.matching(k, o))
+            _store(self._mapped_cache, (m, k), sig, A)
+        return A
+
+    def _factorised_score(self, at: _Point) -> float:
+        # sum_{p<q} w_p w_q <A_p, A_q> = sum_p w_p <A_p, sum_{q>p} w_q A_q>: no difference of
+        # large norms, so no cancellation beyond the pairwise sum's own
+        total = 0.0
+        for m in range(len(self._terms)):
+            later = None
+            for k in reversed(range(self.N)):
+                A = self._mapped(m, k, at)
+                if later is not None:
+                    total += self.w[k] * float(torch.dot(A.reshape(-1), later.reshape(-1)))
+                    later.add_(A, alpha=self.w[k])
+                else:
+                    later = self.w[k] * A
+        return total
+
+    def _factorised_gradient(self, at: _Point, want: set[int], G: dict[int, torch.Tensor]):
+        for m, (o, i, _) in enumerate(self._terms):
+            out_side = [k for k in range(1, self.N) if self.index.get((k, o)) in want]
+            in_side = [k for k in range(1, self.N) if self.index.get((k, i)) in want]
+            if out_side or in_side:
+                self._term_gradient(m, at, out_side, in_side, G)
+
+    def _term_gradient(
+        self,
+        m: int,
+        at: _Point,
+        out_side: list[int],
+        in_side: list[int],
+        G: dict[int, torch.Tensor],
+    ) -> None:
+        """Add term `m`'s part of the gradient of blocks ``(k, o)``, k in `out_side`, and
+        ``(k, in)``, k in `in_side`.
+
+        ``d/dU_k`` of ``sum_{p<q} w_p w_q <A_p, A_q>`` is ``w_k d<A_k, R_k>/dU_k`` with
+        ``R_k = sum_{q != k} w_q A_q`` (free of ``U_k``): ``sum_t Phi_t U^in R_t^T`` on the
+        out side, ``sum_t Phi_t^T U^o R_t`` on the in side; a group that feeds itself gets
+        both (the product rule).
+        """
+        o, i, feats = self._terms[m]
+        P = {k: _map_in(feats[k], at.matching(k, i)) for k in out_side}  # Phi U^in
+        Q = {k: _map_out(feats[k], at.matching(k, o)) for k in in_side}  # U^oT Phi
+
+        def mapped(k: int) -> torch.Tensor:
+            part = ("in", P[k]) if k in P else ("out", Q[k]) if k in Q else None
+            return self._mapped(m, k, at, part)
+
+        models = sorted({*out_side, *in_side})
+        # one model (a coordinate sweep): its own A_k is not needed
+        total = None if len(models) == 1 else _weighted_sum(self.w, map(mapped, range(self.N)))
+        for k in models:
+            if total is None:
+                others = [q for q in range(self.N) if q != k]
+                R = _weighted_sum([self.w[q] for q in others], map(mapped, others))
+            else:
+                R = total - self.w[k] * mapped(k)
+            n_o, _, n_in = R.shape
+            if k in P:
+                G_out = P[k].reshape(n_o, -1) @ R.reshape(n_o, -1).T
+                _accumulate(G, self.index[k, o], self.w[k] * G_out)
+            if k in Q:
+                G_in = Q[k].reshape(-1, n_in).T @ R.reshape(-1, n_in)
+                _accumulate(G, self.index[k, i], self.w[k] * G_in)
+
+    # -- pairwise terms -------------------------------------------------------------------------
     def _apply(self, n: int, p: int, q: int, Y: torch.Tensor | None, transpose: bool):
         """``apply`` (or ``apply_t``) of edge set `n`, pair (p, q); identity inputs cached."""
         kern = self._edge_pairs[n][(p, q)]
@@ -293,7 +435,7 @@ class NetworkQAP(BlockQAP):
                 return self._memo[memo]
             R = kern.apply_t(Y) if transpose else kern.apply(Y)
             self._memo[memo] = R
-            if len(self._memo) > 4 * max(1, len(self.data.edges)):
+            if len(self._memo) > 4 * max(1, len(self._edge_pairs)):
                 self._memo.pop(next(iter(self._memo)))
             return R
         key = (n, "t" if transpose else "o", p, q)
@@ -304,8 +446,7 @@ class NetworkQAP(BlockQAP):
             self._cache[key] = kern.apply_t(eye) if transpose else kern.apply(eye)
         return self._cache[key]
 
-    # -- the operator -------------------------------------------------------------------------
-    def score(self, X: Sequence[np.ndarray]) -> float:
+    def _pairwise_score(self, X: Sequence[np.ndarray]) -> float:
         total = 0.0
         versions = self._versions(X) if self.kernel == "node" else None
         for p, q, w in self.pairs:
@@ -315,20 +456,20 @@ class NetworkQAP(BlockQAP):
                     S = self._similarity(X, p, q, g, versions)
                     total += w * float((S * Xg).sum() if Xg is not None else S.trace())
                 continue
-            for n, (o, i, _, _) in enumerate(self.data.edges):
+            for n in self._edge_pairs:
+                o, i = self.data.edges[n][:2]
                 R = self._apply(n, p, q, self._X(X, p, q, i), False)
                 Xo = self._X(X, p, q, o)
                 total += w * float((R * Xo).sum() if Xo is not None else R.trace())
-            for g, aff in self._node_aff.items():
+            for g, aff in self._pair_aff.items():
                 Xg = self._X(X, p, q, g)
                 L = aff[(p, q)]
                 total += w * float((L * Xg).sum() if Xg is not None else L.trace())
         return total
 
-    def gradient(
-        self, X: Sequence[np.ndarray], blocks: Sequence[int] | None = None
-    ) -> list[np.ndarray | None]:
-        want = set(range(len(self.blocks)) if blocks is None else blocks)
+    def _pairwise_gradient(
+        self, X: Sequence[np.ndarray], want: set[int], G: dict[int, torch.Tensor]
+    ) -> None:
         # block b's gradient is sum over pairs (b's model, other) of (sum of that pair's
         # products for b's group) @ U_other: the products are summed first, so each pair
         # costs one multiplication by U_other per block, not one per edge set
@@ -353,7 +494,8 @@ class NetworkQAP(BlockQAP):
                         add(p, g, S, q, w, False)
                         add(q, g, S, p, w, True)
                 continue
-            for n, (o, i, _, _) in enumerate(self.data.edges):
+            for n in self._edge_pairs:
+                o, i = self.data.edges[n][:2]
                 if wanted(p, o) or wanted(q, o):
                     R = self._apply(n, p, q, self._X(X, p, q, i), False)
                     add(p, o, R, q, w, False)
@@ -362,15 +504,29 @@ class NetworkQAP(BlockQAP):
                     R = self._apply(n, p, q, self._X(X, p, q, o), True)
                     add(p, i, R, q, w, False)
                     add(q, i, R, p, w, True)
-            for g, aff in self._node_aff.items():
+            for g, aff in self._pair_aff.items():
                 if wanted(p, g) or wanted(q, g):
                     add(p, g, aff[(p, q)], q, w, False)
                     add(q, g, aff[(p, q)], p, w, True)
-        G: dict[int, torch.Tensor] = {}
         for (b, other), R in acc.items():
             Uo = self._U(X, other, self.blocks[b][1])
-            contrib = R if Uo is None else R @ Uo
-            G[b] = G[b] + contrib if b in G else contrib
+            _accumulate(G, b, R if Uo is None else R @ Uo)
+
+    # -- the operator -------------------------------------------------------------------------
+    def score(self, X: Sequence[np.ndarray]) -> float:
+        total = self._pairwise_score(X)
+        if self._terms:
+            total += self._factorised_score(_Point(self, X))
+        return total
+
+    def gradient(
+        self, X: Sequence[np.ndarray], blocks: Sequence[int] | None = None
+    ) -> list[np.ndarray | None]:
+        want = set(range(len(self.blocks)) if blocks is None else blocks)
+        G: dict[int, torch.Tensor] = {}
+        self._pairwise_gradient(X, want, G)
+        if self._terms:
+            self._factorised_gradient(_Point(self, X), want, G)
         out: list[np.ndarray | None] = [None] * len(self.blocks)
         for b in want:
             out[b] = G[b].double().numpy() if b in G else np.zeros(self.sizes[b])
@@ -409,3 +565,71 @@ class NetworkQAP(BlockQAP):
         for (k, g), U in zip(self.blocks, X):
             perms[k][g] = np.argmax(np.asarray(U), axis=0).astype(np.int64)
         return perms
+
+
+class _Matching:
+    """One block's matching ``U`` (a tensor) and, when it is a permutation, ``cols`` with
+    ``U[cols[u], u] = 1``: mapping by it is a gather, not a product."""
+
+    def __init__(self, U: torch.Tensor):
+        self.U = U
+        self.cols = None if _permutation(U) is None else U.argmax(0)
+
+
+class _Point:
+    """The blocks at one point of the operator's calls: versions and matchings, made once."""
+
+    def __init__(self, op: NetworkQAP, X: Sequence[np.ndarray]):
+        self.op, self.X = op, X
+        self.versions = op._versions(X)
+        self._matchings: dict[int, _Matching] = {}
+
+    def _block(self, k: int, g: str | None) -> int | None:
+        return None if g is None else self.op.index.get((k, g))
+
+    def version(self, k: int, g: str | None) -> int | None:
+        """A value that changes with ``U_k^g``; None for the identity."""
+        b = self._block(k, g)
+        return None if b is None else self.versions[b]
+
+    def matching(self, k: int, g: str | None) -> _Matching | None:
+        """``U_k^g``, or None for the identity (model 0, fixed groups, node features)."""
+        b = self._block(k, g)
+        if b is None:
+            return None
+        if b not in self._matchings:
+            self._matchings[b] = _Matching(self.op._U(self.X, k, g))
+        return self._matchings[b]
+
+
+def _map_in(F: torch.Tensor, M: _Matching | None) -> torch.Tensor:
+    """``F[i, t, :] @ U``: the in side of features ``(n_o, T, n_in)`` mapped into the universe."""
+    if M is None:
+        return F
+    if M.cols is not None:
+        return F.index_select(2, M.cols)
+    return (F.reshape(-1, F.shape[2]) @ M.U).reshape(F.shape)
+
+
+def _map_out(F: torch.Tensor, M: _Matching | None) -> torch.Tensor:
+    """``U^T @ F[:, t, j]``: the out side of features ``(n_o, T, n_in)`` mapped likewise."""
+    if M is None:
+        return F
+    if M.cols is not None:
+        return F.index_select(0, M.cols)
+    return (M.U.T @ F.reshape(F.shape[0], -1)).reshape(F.shape)
+
+
+def _weighted_sum(weights: Sequence[float], tensors) -> torch.Tensor:
+    """``sum_k weights[k] tensors[k]`` in a new tensor (the inputs are left untouched)."""
+    total = None
+    for w, A in zip(weights, tensors):
+        if total is None:
+            total = w * A
+        else:
+            total.add_(A, alpha=w)
+    return total
+
+
+def _accumulate(G: dict[int, torch.Tensor], b: int, T: torch.Tensor) -> None:
+    G[b] = G[b] + T if b in G else T

@@ -1,0 +1,179 @@
+"""The network QAP of N models against its definition, the pairwise sum, computed densely here.
+
+The operator sums the inner-product terms in the universe (``sum_{p<q} w_p w_q <A_p, A_q>`` with
+``A_k = U_k^{oT} Phi_k U_k^in``, linear in N) and the other kernels pair by pair. Here the
+objective is the sum over model pairs of every edge pair's kernel value times
+``X_pq^o[i, a] X_pq^in[j, b]`` (``X_pq = U_p U_q^T``) plus the node terms, and its gradient
+comes from autograd, independently of the operator.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qapfuse.fusion import to_graph, trace
+from qapfuse.fusion._network_qap import NetworkQAP, net_data
+from qapfuse.fusion.models import MLP, SmallCNN
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():  # tiny matrices: threads only oversubscribe the busy machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ResidualBN(nn.Module):
+    """``fc1`` reads and writes the residual group (an edge set with out == in), BatchNorm on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(4, 5)
+        self.fc1 = nn.Linear(5, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.out = nn.Linear(5, 3)
+
+        with torch.no_grad():  # statistics and affine parameters that matter
+            self.bn.running_mean.normal_(0.0, 0.1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+            self.bn.weight.normal_(1.0, 0.2)
+            self.bn.bias.normal_(0.0, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc0(x)
+        h = h + self.fc1(torch.relu(h))
+        return self.out(torch.relu(self.bn(h)))
+
+
+NETS = {
+    "mlp": (lambda: MLP(12, (5, 3), 2), (1, 12)),
+    "cnn": (lambda: SmallCNN(channels=(3, 4), input_size=4), (1, 1, 4, 4)),
+    "residual_bn": (ResidualBN, (2, 4)),
+}
+
+
+def _data(net, N, seed):
+    make, shape = NETS[net]
+    torch.manual_seed(seed)
+    models = [make().eval() for _ in range(N)]
+    spec = trace(models[0], torch.zeros(shape))
+    return net_data([to_graph(m.state_dict(), spec) for m in models])
+
+
+def _kernel(op, key, Wp, Wq):
+    """Every edge pair's kernel value, ``(n_o, n_in, n_o, n_in)``."""
+    if op.kernel == "inner":
+        return torch.einsum("ijf,abf->ijab", Wp, Wq)
+    d2 = ((Wp[:, :, None, None, :] - Wq[None, None, :, :, :]) ** 2).sum(-1)
+    return torch.exp(-d2 / op.info["sigma"][key])
+
+
+def _node_affinity(op, g, Fp, Fq):
+    if op.kernel == "inner":
+        return Fp @ Fq.T
+    return torch.exp(-(torch.cdist(Fp, Fq) ** 2) / op.info["sigma"][g])
+
+
+def _pairwise(op, X, weights):
+    """(score, gradient per block) of the pairwise definition, by autograd."""
+    data = op.data
+    U = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in X]
+
+    def match(p, q, g):  # X_pq^g
+        def u(k):
+            b = op.index.get((k, g))
+            return torch.eye(data.groups[g], dtype=torch.float64) if b is None else U[b]
+
+        return u(p) @ u(q).T
+
+    total = torch.zeros((), dtype=torch.float64)
+    for p in range(op.N):
+        for q in range(p + 1, op.N):
+            pair = torch.zeros((), dtype=torch.float64)
+            for o, i, key, F in data.edges:
+                kap = _kernel(op, key, F[p], F[q])
+                pair = pair + torch.einsum("ijab,ia,jb->", kap, match(p, q, o), match(p, q, i))
+            for g, F in data.nodes.items():
+                pair = pair + (_node_affinity(op, g, F[p], F[q]) * match(p, q, g)).sum()
+            total = total + weights[p] * weights[q] * pair
+    total.backward()
+    return float(total.detach()), [u.grad.numpy() for u in U]
+
+
+def _sinkhorn(M, iters=200):
+    for _ in range(iters):
+        M = M / M.sum(1, keepdims=True)
+        M = M / M.sum(0, keepdims=True)
+    return M
+
+
+def _points(op, rng):
+    """Hard, soft (doubly stochastic), and mixed blocks."""
+    hard = [np.eye(n)[rng.permutation(n)] for n, _ in op.sizes]
+    soft = [_sinkhorn(rng.random((n, n)) + 0.1) for n, _ in op.sizes]
+    mixed = [h if b % 2 else s for b, (h, s) in enumerate(zip(hard, soft))]
+    return {"hard": hard, "soft": soft, "mixed": mixed}
+
+
+def _check(op, X, weights, rtol):
+    want_score, want_grad = _pairwise(op, X, weights)
+    assert op.score(X) == pytest.approx(want_score, rel=rtol)
+    got = op.gradient(X)
+    scale = max(np.abs(g).max() for g in want_grad)
+    for b, (g, w) in enumerate(zip(got, want_grad)):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale, err_msg=f"block {b}")
+        # one block at a time (a coordinate sweep) gives the same as all together
+        np.testing.assert_allclose(op.gradient(X, [b])[b], g, rtol=1e-12, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+@pytest.mark.parametrize("N", [2, 3, 5])
+def test_inner_product_score_and_gradient_equal_the_pairwise_sum(net, N):
+    data = _data(net, N, seed=N)
+    rng = np.random.default_rng(N)
+    weights = rng.uniform(0.3, 2.0, N)
+    op = NetworkQAP(data, "inner", pair_weights=weights)
+    if net == "mlp":  # its first layer (12 fixed inputs) goes by Gram matrices below N = 5
+        assert bool(op._pair_aff) == (N < 5)
+    for X in _points(op, rng).values():
+        _check(op, X, weights, rtol=1e-9)
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_gaussian_mixed_factorised_and_pairwise_terms_equal_the_pairwise_sum(net):
+    # scalar edges go through the Taylor features (factorised), conv edges and node
+    # features pair by pair; the expansion's error is below 1e-13 per kernel value
+    N = 3
+    data = _data(net, N, seed=7)
+    rng = np.random.default_rng(7)
+    weights = rng.uniform(0.3, 2.0, N)
+    op = NetworkQAP(data, "gaussian", pair_weights=weights, expansion_tol=1e-13)
+    assert op.info["bound"] <= 1e-13
+    for X in _points(op, rng).values():
+        _check(op, X, weights, rtol=1e-9)
+
+
+def test_kept_universe_maps_follow_every_block_change():
+    # A_k is kept per term and model while its matchings are unchanged; after any sequence of
+    # block changes (hard, soft, reverted) the operator must give what a fresh one gives
+    data = _data("residual_bn", 4, seed=1)
+    cached = NetworkQAP(data, "inner")
+    rng = np.random.default_rng(0)
+    X = [np.eye(n)[rng.permutation(n)] for n, _ in cached.sizes]
+    for step in range(12):
+        b = int(rng.integers(len(X)))
+        before = X
+        X = list(X)
+        n = X[b].shape[0]
+        X[b] = np.eye(n)[rng.permutation(n)] if step % 3 else _sinkhorn(rng.random((n, n)))
+        fresh = NetworkQAP(data, "inner")
+        assert cached.score(X) == pytest.approx(fresh.score(X), rel=1e-13)
+        for c in (b, int(rng.integers(len(X)))):
+            np.testing.assert_allclose(
+                cached.gradient(X, [c])[c], fresh.gradient(X, [c])[c], rtol=1e-12, atol=1e-12
+            )
+        if step % 4 == 3:  # a rejected trial: back to the point it was tried from
+            X = before
+            assert cached.score(X) == pytest.approx(fresh.score(X), rel=1e-13)

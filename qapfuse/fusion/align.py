@@ -166,8 +166,9 @@ def align(
         the models' own order, at ``tau0 = tau_min`` unless `tau0` is given: for models that
         share a recent common start, such as federated clients after one round, where
         annealing from the uniform matching only finds the identity again, 10-20 times
-        slower; it stays near the identity and does not recover shuffled copies); ``weight``: ``restarts``,
-        ``max_sweeps``, ``time_limit``; ``merge_many``: ``max_rounds``, ``max_sweeps``;
+        slower; it stays near the identity and does not recover shuffled copies);
+        ``weight``: ``restarts``, ``max_sweeps``, ``time_limit``; ``merge_many``:
+        ``max_rounds``, ``max_sweeps``;
         ``c2m3``: ``max_iter``, ``tol``, ``max_sweeps``, ``time_limit``; ``activation``:
         ``batch_size``, ``max_samples``) and kernel options, accepted by every method
         (``sigma``, ``expansion_tol`` (default 1e-6), ``max_terms`` (None: as many as

@@ -7,6 +7,7 @@ block solvers of :mod:`qapfuse.solvers._blocks`; it carries no solver loop of it
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +53,13 @@ _METHOD_OPTIONS: dict[str, dict[str, Option]] = {
         "time_limit": ANNEAL_OPTIONS["time_limit"],
     },
     "none": {},
+}
+
+#: solve_blocks' defaults, read once so the schedule logic here cannot drift from them.
+_ANNEAL_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(solve_blocks).parameters.items()
+    if p.default is not inspect.Parameter.empty
 }
 
 #: Parameters above which `progress=None` shows a progress bar, and up to which the kernel
@@ -249,7 +257,7 @@ def align(
             perms = op.perms_from_blocks([np.eye(*s) for s in op.sizes])
         elif method == "gamf":
             if opts.pop("start", "uniform") == "identity":
-                opts.setdefault("tau0", opts.get("tau_min", 5e-3))
+                opts.setdefault("tau0", opts.get("tau_min", _ANNEAL_DEFAULTS["tau_min"]))
                 opts["x0"] = [np.eye(*s) for s in op.sizes]
             with _Bar(show, "align gamf", _stages(opts)) as bar:
                 # an int seed goes through as such: with two models and the inner kernel,
@@ -342,7 +350,8 @@ def _universe_blocks(op: NetworkQAP, perms: list[dict[str, np.ndarray]]) -> list
 def _stages(opts: dict[str, Any]) -> int:
     from ..solvers._anneal import Schedule
 
-    s = Schedule(opts.get("tau0", 0.5), opts.get("tau_min", 5e-3), opts.get("decay", 0.7), 1, 1)
+    d = {**_ANNEAL_DEFAULTS, **opts}
+    s = Schedule(d["tau0"], d["tau_min"], d["decay"], 1, 1)
     return s.stages
 
 

@@ -10,8 +10,9 @@ the ``(n_o n_in)^2`` matrix itself:
 
 Kernels:
 
-* inner product ``<e, e'>``: ``apply(Y) = sum_t W^p_t Y W^{qT}_t`` (:class:`FeaturePair`), which
-  makes the objective Git Re-Basin's weight-matching objective;
+* inner product ``<e, e'>``: ``apply(Y) = sum_t W^p_t Y W^{qT}_t``, which makes the objective
+  Git Re-Basin's weight-matching objective (summed over models in the universe by
+  :class:`~qapfuse.fusion._network_qap.NetworkQAP`, not per pair);
 * Gaussian ``exp(-||e - e'||^2 / sigma)`` on scalar edges (``f = 1``): the same product over
   ``T + 1`` feature maps of a truncated Taylor expansion (:func:`gaussian_features`, the
   expansion of :class:`qapfuse.affinity.EdgeFactorAffinity`, with its Poisson-tail error bound);
@@ -35,7 +36,6 @@ from ..affinity._operator import _scaled_monomial, gaussian_terms
 __all__ = [
     "DEFAULT_EXPANSION_BYTES",
     "ExactGaussianPair",
-    "FeaturePair",
     "gaussian_features",
     "median_sigma",
 ]
@@ -45,49 +45,6 @@ _CHUNK = 1 << 22
 
 #: Default cap on one scalar layer's Gaussian feature maps (all models), in bytes.
 DEFAULT_EXPANSION_BYTES = float(2**31)
-
-
-class FeaturePair:
-    """Inner-product kernel ``sum_t F^p[i, j, t] F^q[a, b, t]`` between two edge sets.
-
-    Parameters
-    ----------
-    Fp, Fq : Tensor of shape (n_o, n_in, T)
-        Feature maps of the two models' edges (the weights for the inner product; Gaussian
-        expansion terms for the scalar Gaussian).
-    """
-
-    def __init__(self, Fp: torch.Tensor, Fq: torch.Tensor):
-        self.Fp, self.Fq = Fp, Fq
-        n_o, n_in, T = Fp.shape
-        # each product is two GEMMs on these layouts, with no copy in between:
-        # apply(Y) = Fp[i, (j t)] @ (Y @ Fq[b, (t a)])[(j t), a]
-        self.Fp_rows = Fp.reshape(n_o, n_in * T)
-        self.Fq_b_ta = Fq.permute(1, 2, 0).reshape(n_in, T * n_o)
-        # apply_t(Z) = Fp[j, (i t)] @ (Z @ Fq[a, (t b)])[(i t), b]
-        self.Fp_cols = Fp.transpose(0, 1).reshape(n_in, n_o * T)
-        self.Fq_a_tb = Fq.transpose(1, 2).reshape(n_o, T * n_in)
-
-    def apply(self, Y: torch.Tensor) -> torch.Tensor:
-        """``(n_o, n_o)``: ``sum_t F^p_t Y F^{qT}_t`` for ``Y`` of shape ``(n_in, n_in)``."""
-        n_o = self.Fp_rows.shape[0]
-        return self.Fp_rows @ _left_product(Y, self.Fq_b_ta).reshape(-1, n_o)
-
-    def apply_t(self, Z: torch.Tensor) -> torch.Tensor:
-        """``(n_in, n_in)``: ``sum_t F^{pT}_t Z F^q_t`` for ``Z`` of shape ``(n_o, n_o)``."""
-        n_in = self.Fp_cols.shape[0]
-        return self.Fp_cols @ _left_product(Z, self.Fq_a_tb).reshape(-1, n_in)
-
-
-def _left_product(Y: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-    """``Y @ F``; a row gather when ``Y`` is a 0/1 matrix with one 1 per row (a hard matching).
-
-    Coordinate sweeps multiply by permutations; the gather halves the cost of their products.
-    """
-    if Y.shape[0] == Y.shape[1] and bool(((Y == 0) | (Y == 1)).all()):
-        if bool((Y.sum(1) == 1).all()):
-            return F[Y.argmax(1)]
-    return Y @ F
 
 
 class ExactGaussianPair:

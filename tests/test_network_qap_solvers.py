@@ -87,3 +87,26 @@ def test_bad_start_is_refused():
         solve_blocks(op, tau0=0.1, tau_min=0.2)
     with pytest.raises(ValueError, match=r"'restarts' parameter of coordinate_lap must be an int"):
         coordinate_lap(op, restarts=0)
+
+
+def test_block_projection_in_threads_equals_one_thread(monkeypatch):
+    # blocks large enough for the threaded projection; the same warm sequence of
+    # temperatures through both paths gives identical plans
+    from qapfuse.solvers import _blocks
+
+    sizes = [(300, 300), (250, 250), (3, 5)]
+    assert sum(r * c for r, c in sizes) >= _blocks._PARALLEL_ENTRIES
+    rng = np.random.default_rng(0)
+    G = [rng.normal(size=s) for s in sizes]
+    monkeypatch.setattr(_blocks.os, "cpu_count", lambda: 2)  # threads even on one core
+    threaded = _blocks._BlockSinkhorn(sizes, sk_iter=50)
+    serial = _blocks._BlockSinkhorn(sizes, sk_iter=50)
+    serial.close()
+    serial.pool = None
+    assert threaded.pool is not None
+    try:
+        for tau in (0.5, 0.1, 0.02):
+            for a, b in zip(threaded(G, tau), serial(G, tau)):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        threaded.close()

@@ -222,9 +222,18 @@ class NetworkQAP(BlockQAP):
         self.info: dict[str, Any] = {"sigma": {}, "terms": {}, "bound": 0.0}
         self._self_loops = {o for o, i, _, _ in data.edges if o == i}
         self._versions = BlockVersions(len(self.blocks))
+        near: dict[str, set[str]] = {g: {g} for g in data.groups}
+        for o, i, _, _ in data.edges:
+            near[o].add(i)
+            near[i].add(o)
+        self._coupled = [
+            [c for c, (_, h) in enumerate(self.blocks) if h in near[g] and c != n]
+            for n, (_, g) in enumerate(self.blocks)
+        ]
         # factorised terms (out group, in group or None, per-model features (n_o, T, n_in))
         self._terms: list[tuple[str, str | None, list[torch.Tensor]]] = []
         self._mapped_cache: dict[tuple[int, int], dict] = {}
+        self._matchings: dict[int, dict] = {}  # block -> {version: _Matching}
         # pairwise terms: edge sets with the exact Gaussian; constant pair affinities per
         # group (Gaussian node affinities, the Gram matrices of cheap fixed-side terms)
         self._edge_pairs: dict[int, dict[tuple[int, int], ExactGaussianPair]] = {}
@@ -313,6 +322,11 @@ class NetworkQAP(BlockQAP):
         kernel is ``"node"`` (whose similarities depend on every neighbour)."""
         g = self.blocks[b][1]
         return self.kernel != "node" and g not in self._self_loops
+
+    def coupled(self, b: int) -> list[int]:
+        """Every model's blocks of the block's group and of the groups it shares an edge set
+        with: the only matchings its gradient reads (for every kernel)."""
+        return self._coupled[b]
 
     # -- blocks and matchings ---------------------------------------------------------------
     def _U(self, X: Sequence[np.ndarray], k: int, g: str) -> torch.Tensor | None:
@@ -598,7 +612,13 @@ class _Point:
         if b is None:
             return None
         if b not in self._matchings:
-            self._matchings[b] = _Matching(self.op._U(self.X, k, g))
+            # kept across calls while the block is unchanged: a coordinate sweep asks for
+            # the same neighbours' matchings again and again
+            M = _lookup(self.op._matchings, b, self.versions[b])
+            if M is None:
+                M = _Matching(self.op._U(self.X, k, g))
+                _store(self.op._matchings, b, self.versions[b], M)
+            self._matchings[b] = M
         return self._matchings[b]
 
 

@@ -25,8 +25,10 @@ operator:
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +80,15 @@ class BlockQAP:
         :func:`coordinate_ascent` needs no new score evaluation. Default: False.
         """
         return False
+
+    def coupled(self, b: int) -> Sequence[int] | None:
+        """Blocks (besides `b`) whose values the gradient of block `b` reads; None: all.
+
+        :func:`coordinate_ascent` re-evaluates a linear block only after one of these
+        changed (its best response cannot have moved otherwise). A superset is safe; a
+        block left out that the gradient does read gives wrong answers. Default: None.
+        """
+        return None
 
 
 @dataclass
@@ -146,12 +157,19 @@ def _n(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([x.shape[0]]), np.array([x.shape[1]])
 
 
+#: Entries over all blocks from which the blocks' Sinkhorn projections run in threads (below
+#: it a thread costs more than it saves).
+_PARALLEL_ENTRIES = 1 << 17
+
+
 class _BlockSinkhorn:
     """The projection of the annealing loop: a warm-started Sinkhorn of ``G_b / tau`` per block.
 
     Each block's gradient is scaled to unit range first (as :func:`~qapfuse.solvers.ga` does), so
     `tau` is relative to the spread of its scores. This is the one place the block solvers
-    call Sinkhorn.
+    call Sinkhorn. The blocks are independent: when there are at least `_PARALLEL_ENTRIES`
+    entries in all, they are projected in threads (the compiled kernel releases the GIL),
+    largest first; results do not depend on the thread count.
     """
 
     def __init__(self, sizes: Sequence[tuple[int, int]], sk_iter: int):
@@ -165,13 +183,24 @@ class _BlockSinkhorn:
             )
             for r, c in sizes
         ]
+        self.order = sorted(range(len(sizes)), key=lambda b: -sizes[b][0] * sizes[b][1])
+        workers = min(os.cpu_count() or 1, len(sizes))
+        big = sum(r * c for r, c in sizes) >= _PARALLEL_ENTRIES
+        self.pool = ThreadPoolExecutor(workers) if big and workers > 1 else None
+
+    def _one(self, b: int, g: np.ndarray, tau: float) -> np.ndarray:
+        g = np.asarray(g, dtype=np.float64)[None]
+        return self.states[b](normalise(g, xp=np, mask=np.ones(g.shape, dtype=bool))[0], tau)
 
     def __call__(self, G: Sequence[np.ndarray], tau: float) -> list[np.ndarray]:
-        out = []
-        for g, state in zip(G, self.states):
-            g = np.asarray(g, dtype=np.float64)[None]
-            out.append(state(normalise(g, xp=np, mask=np.ones(g.shape, dtype=bool))[0], tau))
-        return out
+        if self.pool is None:
+            return [self._one(b, g, tau) for b, g in enumerate(G)]
+        jobs = {b: self.pool.submit(self._one, b, G[b], tau) for b in self.order}
+        return [jobs[b].result() for b in range(len(G))]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def coordinate_ascent(
@@ -190,6 +219,9 @@ def coordinate_ascent(
     linearly given the others (``op.is_linear(b)``), the LAP is its exact best response and
     the gain ``<G_b, new - old>`` is the score change, so no score is evaluated. Blocks are
     visited in a new random order every sweep; the loop stops after a sweep without change.
+    A linear block is evaluated again only once a block it is coupled with
+    (``op.coupled(b)``) has changed since its last evaluation: its gradient, and so its
+    LAP, would be the same, so skipping it changes nothing but the time.
 
     Returns
     -------
@@ -203,22 +235,35 @@ def coordinate_ascent(
     """
     X = [np.array(x, dtype=np.float64) for x in X]
     s = op.score(X) if score is None else score
+    B = len(X)
+    linear = [op.is_linear(b) for b in range(B)]
+    readers: list[list[int]] = [[] for _ in range(B)]  # blocks whose gradient reads block c
+    for b in range(B):
+        for c in range(B) if (cb := op.coupled(b)) is None else cb:
+            if c != b:
+                readers[c].append(b)
+    stale = [True] * B  # the block's gradient may have changed since its last evaluation
     sweeps, converged = 0, max_sweeps == 0
     for sweeps in range(1, max_sweeps + 1):
         changed = False
-        for b in rng.permutation(len(X)):
-            G = op.gradient(X, [int(b)])[b]
+        for b in map(int, rng.permutation(B)):
+            if not stale[b]:
+                continue
+            G = op.gradient(X, [b])[b]
             new = _round([G])[0]
+            stale[b] = not linear[b]
             if np.array_equal(new, X[b]):
                 continue
             trial = list(X)
             trial[b] = new
-            if op.is_linear(int(b)):  # exact: the score is affine in this block
+            if linear[b]:  # exact: the score is affine in this block
                 s_new = s + float(np.sum(G * (new - X[b])))
             else:
                 s_new = op.score(trial)
             if s_new > s + 1e-12 * max(1.0, abs(s)):
                 X, s, changed = trial, s_new, True
+                for c in readers[b]:
+                    stale[c] = True
         if not changed:
             converged = True
             break
@@ -320,15 +365,19 @@ def solve_blocks(
     else:
         X0 = _check_blocks(x0, sizes, "x0", caller)
     deadline = None if time_limit is None else start + time_limit
-    res = anneal(
-        lambda X: op.gradient(X),
-        _BlockSinkhorn(sizes, sk_iter),
-        X0,
-        Schedule(tau0, tau_min, decay, max_inner, tol, step),
-        deadline=deadline,
-        score=op.score,
-        on_stage=progress,
-    )
+    project = _BlockSinkhorn(sizes, sk_iter)
+    try:
+        res = anneal(
+            lambda X: op.gradient(X),
+            project,
+            X0,
+            Schedule(tau0, tau_min, decay, max_inner, tol, step),
+            deadline=deadline,
+            score=op.score,
+            on_stage=progress,
+        )
+    finally:
+        project.close()
     X = _round(res.X)
     eye = _identity_blocks(sizes)
     at_identity = all(np.array_equal(x, i) for x, i in zip(X, eye))

@@ -533,7 +533,7 @@ def _log_nb(L, mask, capped, log_a, log_b, logP, max_iter, tol, check_every):  #
     return it, err
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # nogil: independent blocks may be projected in threads
 def _warm_scaling_nb(
     L, mask, capped, log_a, log_b, f, g, P, max_iter, tol, check_every
 ):  # pragma: no cover - compiled

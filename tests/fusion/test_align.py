@@ -229,6 +229,23 @@ def test_float32_products_give_the_same_alignment():
     assert r32.objective == pytest.approx(r64.objective, rel=1e-5)
 
 
+def test_default_precision_is_float32_only_above_a_million_parameters():
+    torch.manual_seed(0)
+    big = [MLP(1000, (1000,), 10) for _ in range(2)]  # 1,011,010 parameters
+    small = [MLP(6, (5,), 3) for _ in range(2)]
+    assert sum(p.numel() for p in big[0].parameters()) > 1_000_000
+    spec_big = trace(big[0], torch.zeros(1, 1000))
+    spec_small = trace(small[0], torch.zeros(1, 6))
+    r32 = align(big, method="none", spec=spec_big)
+    r64 = align(big, method="none", spec=spec_big, precision="float64")
+    assert (r32.info["precision"], r64.info["precision"]) == ("float32", "float64")
+    assert r32.objective == pytest.approx(r64.objective, rel=1e-5)
+    assert align(small, method="none", spec=spec_small).info["precision"] == "float64"
+    # the Gaussian expansion's error bound needs float64 at any size
+    gauss = align(big, method="none", kernel="gaussian", spec=spec_big, sigma=1e3)
+    assert gauss.info["precision"] == "float64"
+
+
 def test_weights_scale_each_pair_of_the_objective():
     torch.manual_seed(1)
     models = [MLP(6, (5,), 3) for _ in range(3)]

@@ -591,12 +591,12 @@ class _Matching:
 
 
 class _Point:
-    """The blocks at one point of the operator's calls: versions and matchings, made once."""
+    """The blocks at one point of the operator's calls: their versions, and their matchings
+    from the operator's store (made once per block version)."""
 
     def __init__(self, op: NetworkQAP, X: Sequence[np.ndarray]):
         self.op, self.X = op, X
         self.versions = op._versions(X)
-        self._matchings: dict[int, _Matching] = {}
 
     def _block(self, k: int, g: str | None) -> int | None:
         return None if g is None else self.op.index.get((k, g))
@@ -611,15 +611,13 @@ class _Point:
         b = self._block(k, g)
         if b is None:
             return None
-        if b not in self._matchings:
-            # kept across calls while the block is unchanged: a coordinate sweep asks for
-            # the same neighbours' matchings again and again
-            M = _lookup(self.op._matchings, b, self.versions[b])
-            if M is None:
-                M = _Matching(self.op._U(self.X, k, g))
-                _store(self.op._matchings, b, self.versions[b], M)
-            self._matchings[b] = M
-        return self._matchings[b]
+        # kept across calls while the block is unchanged: a coordinate sweep asks for the
+        # same neighbours' matchings again and again
+        M = _lookup(self.op._matchings, b, self.versions[b])
+        if M is None:
+            M = _Matching(self.op._U(self.X, k, g))
+            _store(self.op._matchings, b, self.versions[b], M)
+        return M
 
 
 def _map_in(F: torch.Tensor, M: _Matching | None) -> torch.Tensor:

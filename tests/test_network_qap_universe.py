@@ -56,11 +56,16 @@ NETS = {
 
 
 def _data(net, N, seed):
-    make, shape = NETS[net]
+    make, shape = NETS[net] if isinstance(net, str) else net
     torch.manual_seed(seed)
     models = [make().eval() for _ in range(N)]
     spec = trace(models[0], torch.zeros(shape))
     return net_data([to_graph(m.state_dict(), spec) for m in models])
+
+
+def _deep_mlp(*hidden):
+    """An MLP whose first and last hidden groups share no edge set (``_data``'s ``net``)."""
+    return (lambda: MLP(6, hidden, 2), (1, 6))
 
 
 def _kernel(op, key, Wp, Wq):
@@ -175,13 +180,7 @@ def test_kept_universe_maps_follow_every_block_change():
 @pytest.mark.parametrize("net", ["deep_mlp", "residual_bn"])
 def test_a_block_gradient_reads_only_its_coupled_blocks(net, kernel):
     # changing every block outside coupled(b) leaves block b's gradient as it was
-    if net == "deep_mlp":
-        torch.manual_seed(3)
-        models = [MLP(6, (5, 4, 3, 4), 2) for _ in range(3)]
-        spec = trace(models[0], torch.zeros(1, 6))
-        data = net_data([to_graph(m.state_dict(), spec) for m in models])
-    else:
-        data = _data(net, 3, seed=3)
+    data = _data(_deep_mlp(5, 4, 3, 4) if net == "deep_mlp" else net, 3, seed=3)
     op = NetworkQAP(data, kernel)
     rng = np.random.default_rng(0)
     X = _points(op, rng)["soft"]
@@ -209,10 +208,7 @@ def test_coordinate_ascent_skips_only_blocks_whose_gradient_cannot_have_changed(
         def coupled(self, b):
             return None
 
-    torch.manual_seed(4)
-    models = [MLP(6, (8, 7, 6, 5), 2) for _ in range(4)]
-    spec = trace(models[0], torch.zeros(1, 6))
-    data = net_data([to_graph(m.state_dict(), spec) for m in models])
+    data = _data(_deep_mlp(8, 7, 6, 5), 4, seed=4)
     runs = {}
     for cls in (Counting, AllCoupled):
         Counting.calls = 0
